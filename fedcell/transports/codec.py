@@ -1,0 +1,414 @@
+"""The payload codec: Python values ⇄ a msgpack tree plus raw buffer frames. Safe by construction.
+
+Nothing here can run code on decode: there is no pickle, no import by name, no ``eval``.
+
+Encoding (:func:`encode`) walks the value and returns ``(tree, buffers)``:
+
+- ``None``, ``bool``, ``int`` (64-bit), ``float``, ``str``, ``bytes``, ``list`` and ``dict`` (keys
+  ``str`` or ``int``) are msgpack-native and stay in the tree.
+- numpy arrays and torch tensors leave the tree: their bytes become one buffer frame (zero-copy for
+  contiguous CPU data) and the tree keeps an ext node ``[dtype, shape, frame_index]``.
+  bfloat16 and float8 tensors travel as their raw bits and come back as the same dtype.
+- ``tuple`` and :func:`wire_type`-registered dataclasses are ext nodes holding their items/fields.
+
+Anything else raises :class:`~fedcell.errors.EncodeError` at the sender, naming the path of the
+offending value (``payload['layers'][3]``).
+
+Decoding (:func:`decode`) accepts only those forms. A frame index out of range, a buffer whose
+length does not match dtype × shape, an unknown dtype or dataclass name, or an unused frame each
+raise :class:`~fedcell.errors.FrameError`; a tree above ``max_tree_bytes`` raises
+:class:`~fedcell.errors.OversizedError`. Decoded arrays are writable: a read-only frame (as
+ZeroMQ and in-process frames are) is copied, which only happens below the stream threshold; large
+payloads arrive through the stream layer straight into preallocated arrays
+(:func:`allocate_like`).
+
+Torch is never imported by this module unless a torch tensor is encoded or decoded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import msgpack
+import numpy as np
+
+from fedcell.errors import EncodeError, FrameError, OversizedError
+from fedcell.transports.base import Buffer
+
+__all__ = [
+    "DEFAULT_MAX_TREE_BYTES",
+    "ArraySpec",
+    "allocate_like",
+    "array_specs",
+    "decode",
+    "encode",
+    "fill",
+    "pack_tree",
+    "payload_nbytes",
+    "registered_wire_types",
+    "unpack_tree",
+    "writable_bytes",
+    "wire_type",
+]
+
+DEFAULT_MAX_TREE_BYTES = 16 * 1024 * 1024
+
+_EXT_NDARRAY = 1
+_EXT_TORCH = 2
+_EXT_TUPLE = 3
+_EXT_DATACLASS = 4
+
+_NUMPY_DTYPES = frozenset(
+    np.dtype(t).str
+    for t in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    )
+)  # fmt: skip
+
+_TORCH_DTYPES = (
+    "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+    "float16", "bfloat16", "float32", "float64", "complex64", "complex128",
+    "float8_e4m3fn", "float8_e5m2",
+)  # fmt: skip
+
+T = TypeVar("T")
+_wire_types: dict[str, type[Any]] = {}
+_wire_names: dict[type[Any], str] = {}
+
+
+def wire_type(name: str | None = None) -> Callable[[type[T]], type[T]]:
+    """Class decorator: allow a dataclass to travel as a payload under ``name``.
+
+    Only registered dataclasses are rebuilt on decode, from their ``init`` fields, so a peer can
+    never make the receiver construct an arbitrary class.
+    """
+
+    def register(cls: type[T]) -> type[T]:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__qualname__} is not a dataclass")
+        wire_name = name or f"{cls.__module__}.{cls.__qualname__}"
+        existing = _wire_types.get(wire_name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"wire type name {wire_name!r} is taken by {existing.__qualname__}")
+        _wire_types[wire_name] = cls
+        _wire_names[cls] = wire_name
+        return cls
+
+    return register
+
+
+def registered_wire_types() -> dict[str, type[Any]]:
+    """A copy of the name → dataclass table."""
+    return dict(_wire_types)
+
+
+# ----------------------------------------------------------------------------------------------
+# encode
+
+
+def _is_torch_tensor(obj: object) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _torch_bytes(tensor: Any) -> memoryview:
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(_torch().uint8).numpy())
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.buffers: list[Buffer] = []
+
+    def _frame(self, buf: Buffer) -> int:
+        self.buffers.append(buf)
+        return len(self.buffers) - 1
+
+    def walk(self, obj: Any, path: str) -> Any:
+        if obj is None or isinstance(obj, (bool, str, bytes, float)):
+            return obj
+        if isinstance(obj, int):
+            if not -(2**63) <= obj < 2**64:
+                raise EncodeError(f"{path}: integer {obj} does not fit in 64 bits")
+            return int(obj)
+        if isinstance(obj, (bytearray, memoryview)):
+            return bytes(obj)
+        if isinstance(obj, list):
+            return [self.walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        if isinstance(obj, dict):
+            out = {}
+            for k, v in obj.items():
+                if not isinstance(k, (str, int)) or isinstance(k, bool):
+                    raise EncodeError(f"{path}: dict key {k!r} is {type(k).__name__}, not str/int")
+                out[k] = self.walk(v, f"{path}[{k!r}]")
+            return out
+        if isinstance(obj, tuple):
+            items = [self.walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+            return msgpack.ExtType(_EXT_TUPLE, _packb(items))
+        if isinstance(obj, np.ndarray):
+            return self._ndarray(obj, path)
+        if isinstance(obj, np.generic):
+            return self.walk(obj.item(), path)
+        if _is_torch_tensor(obj):
+            dtype = str(obj.dtype).removeprefix("torch.")
+            if dtype not in _TORCH_DTYPES:
+                raise EncodeError(f"{path}: torch dtype {dtype} is not supported on the wire")
+            index = self._frame(_torch_bytes(obj))
+            return msgpack.ExtType(_EXT_TORCH, _packb([dtype, list(obj.shape), index]))
+        wire_name = _wire_names.get(type(obj))
+        if wire_name is not None:
+            fields = {
+                f.name: self.walk(getattr(obj, f.name), f"{path}.{f.name}")
+                for f in dataclasses.fields(obj)
+                if f.init
+            }
+            return msgpack.ExtType(_EXT_DATACLASS, _packb([wire_name, fields]))
+        raise EncodeError(
+            f"{path}: cannot send a {type(obj).__module__}.{type(obj).__qualname__}; supported: "
+            "None, bool, int, float, str, bytes, list, tuple, dict, numpy arrays, torch tensors "
+            "and @wire_type dataclasses"
+        )
+
+    def _ndarray(self, arr: np.ndarray, path: str) -> msgpack.ExtType:
+        if arr.dtype.str not in _NUMPY_DTYPES:
+            native = arr.dtype.newbyteorder("=")
+            if arr.dtype.kind in "biufc" and native.str in _NUMPY_DTYPES:
+                arr = arr.astype(native)
+            else:
+                raise EncodeError(f"{path}: numpy dtype {arr.dtype} is not supported on the wire")
+        arr = np.ascontiguousarray(arr)
+        buf = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+        index = self._frame(buf)
+        return msgpack.ExtType(_EXT_NDARRAY, _packb([arr.dtype.str, list(arr.shape), index]))
+
+
+def _packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode(value: Any) -> tuple[Any, list[Buffer]]:
+    """Split ``value`` into a msgpack-able tree and its raw buffers (see the module docstring).
+
+    Raises
+    ------
+    EncodeError
+        If ``value`` holds a type the wire does not carry.
+    """
+    encoder = _Encoder()
+    return encoder.walk(value, "payload"), encoder.buffers
+
+
+def pack_tree(tree: Any) -> bytes:
+    """Serialize an encoded tree to bytes (one frame)."""
+    return _packb(tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ArraySpec:
+    """What an array frame holds: library (``numpy``/``torch``), dtype name, shape, frame index."""
+
+    library: str
+    dtype: str
+    shape: tuple[int, ...]
+    frame: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.library, self.dtype)
+
+
+def _itemsize(library: str, dtype: str) -> int:
+    if library == "numpy":
+        return np.dtype(dtype).itemsize
+    return int(_torch_dtype(dtype).itemsize)
+
+
+def _torch_dtype(name: str) -> Any:
+    return getattr(_torch(), name)
+
+
+def _parse_array(code: int, data: bytes) -> ArraySpec:
+    try:
+        dtype, shape, index = msgpack.unpackb(data, raw=False)
+    except Exception as exc:
+        raise FrameError(f"malformed array descriptor: {exc}") from exc
+    library = "numpy" if code == _EXT_NDARRAY else "torch"
+    allowed = _NUMPY_DTYPES if library == "numpy" else _TORCH_DTYPES
+    if not isinstance(dtype, str) or dtype not in allowed:
+        raise FrameError(f"unsupported {library} dtype {dtype!r} in payload")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise FrameError(f"bad array shape {shape!r} in payload")
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise FrameError(f"bad frame index {index!r} in payload")
+    return ArraySpec(library, dtype, tuple(shape), index)
+
+
+def unpack_tree(data: Buffer, max_tree_bytes: int = DEFAULT_MAX_TREE_BYTES) -> Any:
+    """Parse a tree frame without materializing arrays (ext nodes stay ``msgpack.ExtType``)."""
+    size = memoryview(data).nbytes
+    if size > max_tree_bytes:
+        raise OversizedError(f"payload header is {size} bytes, above the {max_tree_bytes} limit")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise FrameError(f"payload header does not decode: {exc}") from exc
+
+
+class _Decoder:
+    def __init__(self, frames: Sequence[Buffer], fill: Callable[[ArraySpec], Any] | None) -> None:
+        self.frames = frames
+        self.used: set[int] = set()
+        self.fill = fill
+
+    def walk(self, node: Any, depth: int = 0) -> Any:
+        if depth > 512:
+            raise FrameError("payload nesting is deeper than 512 levels")
+        if isinstance(node, list):
+            return [self.walk(v, depth + 1) for v in node]
+        if isinstance(node, dict):
+            return {k: self.walk(v, depth + 1) for k, v in node.items()}
+        if isinstance(node, msgpack.ExtType):
+            return self.ext(node, depth)
+        return node
+
+    def _inner(self, data: bytes) -> Any:
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise FrameError(f"malformed nested value in payload: {exc}") from exc
+
+    def ext(self, node: msgpack.ExtType, depth: int) -> Any:
+        if node.code in (_EXT_NDARRAY, _EXT_TORCH):
+            spec = _parse_array(node.code, node.data)
+            if spec.frame in self.used:
+                raise FrameError(f"frame {spec.frame} is referenced twice")
+            self.used.add(spec.frame)
+            if self.fill is not None:
+                return self.fill(spec)
+            if spec.frame >= len(self.frames):
+                raise FrameError(f"payload refers to frame {spec.frame}; {len(self.frames)} came")
+            return _array_from_frame(spec, self.frames[spec.frame])
+        if node.code == _EXT_TUPLE:
+            items = self._inner(node.data)
+            if not isinstance(items, list):
+                raise FrameError("malformed tuple in payload")
+            return tuple(self.walk(v, depth + 1) for v in items)
+        if node.code == _EXT_DATACLASS:
+            return self._dataclass(self._inner(node.data), depth)
+        raise FrameError(f"unknown payload node type {node.code}")
+
+    def _dataclass(self, inner: Any, depth: int) -> Any:
+        if not (isinstance(inner, list) and len(inner) == 2 and isinstance(inner[1], dict)):
+            raise FrameError("malformed dataclass in payload")
+        name, raw_fields = inner
+        cls = _wire_types.get(name) if isinstance(name, str) else None
+        if cls is None:
+            raise FrameError(f"unknown wire type {name!r} (not registered with @wire_type)")
+        allowed = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = set(raw_fields) - allowed
+        if unknown:
+            raise FrameError(f"wire type {name} has no field(s) {sorted(map(str, unknown))}")
+        fields = {k: self.walk(v, depth + 1) for k, v in raw_fields.items()}
+        try:
+            return cls(**fields)
+        except Exception as exc:
+            raise FrameError(f"cannot rebuild wire type {name}: {exc}") from exc
+
+
+def _array_from_frame(spec: ArraySpec, frame: Buffer) -> Any:
+    view = memoryview(frame).cast("B")
+    if view.nbytes != spec.nbytes:
+        raise FrameError(
+            f"frame {spec.frame} has {view.nbytes} bytes; {spec.dtype}{list(spec.shape)} "
+            f"needs {spec.nbytes}"
+        )
+    out = allocate_like(spec)
+    fill(out, 0, view)
+    return out
+
+
+def allocate_like(spec: ArraySpec) -> Any:
+    """An uninitialized, writable array (numpy) or tensor (torch) matching ``spec``."""
+    if spec.library == "numpy":
+        return np.empty(spec.shape, dtype=np.dtype(spec.dtype))
+    return _torch().empty(spec.shape, dtype=_torch_dtype(spec.dtype))
+
+
+def writable_bytes(array: Any) -> memoryview:
+    """A flat, writable byte view of an array or tensor made by :func:`allocate_like`."""
+    if isinstance(array, np.ndarray):
+        return memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(bytearray())
+    if array.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview(array.reshape(-1).view(_torch().uint8).numpy())
+
+
+def fill(array: Any, offset: int, data: Buffer) -> None:
+    """Copy ``data`` into ``array``'s bytes at ``offset`` (one memcpy)."""
+    dest = writable_bytes(array)
+    src = memoryview(data).cast("B")
+    dest[offset : offset + src.nbytes] = src
+
+
+def decode(
+    tree: Any,
+    frames: Sequence[Buffer],
+    *,
+    arrays: Callable[[ArraySpec], Any] | None = None,
+) -> Any:
+    """Rebuild a value from :func:`encode`'s tree and frames.
+
+    ``arrays``, if given, supplies each array instead of reading it from ``frames`` (the stream
+    layer passes arrays it has already filled). Every frame must be used exactly once.
+
+    Raises
+    ------
+    FrameError
+        If the tree or the frames are malformed.
+    """
+    decoder = _Decoder(frames, arrays)
+    value = decoder.walk(tree)
+    if arrays is None and len(decoder.used) != len(frames):
+        raise FrameError(f"payload has {len(frames)} frames but uses {len(decoder.used)}")
+    return value
+
+
+def array_specs(tree: Any) -> list[ArraySpec]:
+    """The arrays a tree refers to, in frame order (validated, without any frame data)."""
+    specs: list[ArraySpec] = []
+
+    def collect(spec: ArraySpec) -> None:
+        specs.append(spec)
+
+    _Decoder((), collect).walk(tree)
+    specs.sort(key=lambda s: s.frame)
+    if [s.frame for s in specs] != list(range(len(specs))):
+        raise FrameError("payload frame indices are not 0..n-1")
+    return specs
+
+
+def payload_nbytes(buffers: Sequence[Buffer]) -> int:
+    """Total bytes of the raw buffers of an encoded payload."""
+    return sum(memoryview(b).nbytes for b in buffers)
