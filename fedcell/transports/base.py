@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 __all__ = [
     "Buffer",
@@ -40,7 +40,7 @@ __all__ = [
     "TransportOptions",
 ]
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 ConnectionState = Literal["connected", "disconnected"]
 StateListener = Callable[[ConnectionState], None]
 

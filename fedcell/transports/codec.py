@@ -51,8 +51,8 @@ __all__ = [
     "payload_nbytes",
     "registered_wire_types",
     "unpack_tree",
-    "writable_bytes",
     "wire_type",
+    "writable_bytes",
 ]
 
 DEFAULT_MAX_TREE_BYTES = 16 * 1024 * 1024
@@ -192,10 +192,14 @@ class _Encoder:
                 arr = arr.astype(native)
             else:
                 raise EncodeError(f"{path}: numpy dtype {arr.dtype} is not supported on the wire")
-        arr = np.ascontiguousarray(arr)
-        buf = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
-        index = self._frame(buf)
-        return msgpack.ExtType(_EXT_NDARRAY, _packb([arr.dtype.str, list(arr.shape), index]))
+        shape = list(arr.shape)  # before ascontiguousarray, which turns 0-d into 1-d
+        flat = np.ascontiguousarray(arr).reshape(-1)
+        index = self._frame(_byte_view(flat) if flat.size else memoryview(b""))
+        return msgpack.ExtType(_EXT_NDARRAY, _packb([arr.dtype.str, shape, index]))
+
+
+def _byte_view(flat: np.ndarray) -> memoryview:
+    return memoryview(flat.view(np.uint8))  # type: ignore[arg-type]
 
 
 def _packb(obj: Any) -> bytes:
@@ -359,7 +363,7 @@ def allocate_like(spec: ArraySpec) -> Any:
 def writable_bytes(array: Any) -> memoryview:
     """A flat, writable byte view of an array or tensor made by :func:`allocate_like`."""
     if isinstance(array, np.ndarray):
-        return memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(bytearray())
+        return _byte_view(array.reshape(-1)) if array.size else memoryview(bytearray())
     if array.numel() == 0:
         return memoryview(bytearray())
     return memoryview(array.reshape(-1).view(_torch().uint8).numpy())

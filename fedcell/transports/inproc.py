@@ -98,7 +98,7 @@ def _put_sentinel(queue: asyncio.Queue[object]) -> None:
     try:
         queue.put_nowait(_CLOSED)
     except asyncio.QueueFull:
-        queue._maxsize += 1  # type: ignore[attr-defined]  # noqa: SLF001
+        queue._maxsize += 1  # type: ignore[attr-defined]
         queue.put_nowait(_CLOSED)
 
 

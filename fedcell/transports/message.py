@@ -174,7 +174,7 @@ def unpack_envelope(frame: Buffer) -> Envelope:
         raise FrameError("message envelope is not a map")
     if raw.get("v") != WIRE_VERSION:
         raise FrameError(f"unsupported wire version {raw.get('v')!r} (this side speaks 1)")
-    kind = raw.get("k")
+    kind: MessageKind = raw.get("k")  # type: ignore[assignment]
     if kind not in _KINDS:
         raise FrameError(f"unknown message type {kind!r}")
     route = _typed(raw, "rt", list, "route")
