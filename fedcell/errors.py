@@ -29,6 +29,7 @@ tree. Each class says whether retrying the same operation can succeed (``retryab
     ├── JobError                    jobs and tasks
     │   ├── TaskFailedError         user code raised (Failed)
     │   ├── SiteCrashedError        the site was lost (Crashed)
+    │   ├── TooFewResultsError      fewer sites answered ok than a task's min_responses
     │   └── JobAbortedError         aborted by an admin or by the scheduler
     └── SecurityError
         ├── AuthenticationError     no valid credentials
@@ -37,7 +38,8 @@ tree. Each class says whether retrying the same operation can succeed (``retryab
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 __all__ = [
     "AuthenticationError",
@@ -62,6 +64,7 @@ __all__ = [
     "StreamIntegrityError",
     "StreamStalledError",
     "TaskFailedError",
+    "TooFewResultsError",
     "TransportClosedError",
     "TransportError",
     "UnknownSchemeError",
@@ -176,6 +179,18 @@ class SiteCrashedError(JobError):
     """A site was lost while running a task (the job state is *crashed*)."""
 
     retryable = True
+
+
+class TooFewResultsError(JobError):
+    """Fewer sites answered a task ok than its ``min_responses``.
+
+    ``results`` holds every target's ``fedcell.engine.dispatcher.TaskResult`` (data dropped), so
+    the caller can say who dropped and why.
+    """
+
+    def __init__(self, message: str, results: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.results = tuple(results)
 
 
 class JobAbortedError(JobError):
