@@ -22,6 +22,7 @@ tree. Each class says whether retrying the same operation can succeed (``retryab
     │   ├── RouteLoopError          a relayed message came back to a cell on its route
     │   ├── RequestTimeoutError     no reply within the timeout (retryable)
     │   └── RemoteError             the remote handler raised; carries its message
+    │       └── NoHandlerError      the remote cell has no handler for the channel/topic
     ├── StreamError                 the stream layer
     │   ├── StreamIntegrityError    checksum mismatch or truncated stream
     │   ├── StreamStalledError      no progress within the stall bound (retryable)
@@ -51,6 +52,7 @@ __all__ = [
     "FrameError",
     "JobAbortedError",
     "JobError",
+    "NoHandlerError",
     "OversizedError",
     "PolicyError",
     "ProtocolError",
@@ -147,6 +149,13 @@ class RemoteError(CellError):
     def __init__(self, message: str, remote_type: str = "Exception") -> None:
         super().__init__(message)
         self.remote_type = remote_type
+
+
+class NoHandlerError(RemoteError):
+    """The remote cell has no handler registered for the request's channel and topic."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, remote_type="NoHandlerError")
 
 
 class StreamError(FedcellError):
