@@ -1,15 +1,37 @@
 """The seam between controllers (algorithms) and the runtime that reaches sites.
 
 A controller is an algorithm written against :class:`Dispatcher`; the server runtime implements
-it over cells, the tests implement it in memory. Vocabulary:
+it over cells, :class:`~fedcell.engine.local_dispatcher.LocalDispatcher` implements it in memory
+for tests. Vocabulary:
 
 - a :class:`Task` is what a site is asked to do (``name`` such as ``"train"``/``"validate"``,
-  ``data`` usually an :class:`~fedcell.fl_model.FLModel`, ``props`` small settings);
-- a :class:`TaskResult` is one site's answer, with a status that keeps *failed* (user code
-  raised) apart from *crashed* (site lost) and *timeout*;
-- :meth:`Dispatcher.broadcast` returns a :class:`TaskHandle` that yields results **as they
-  arrive**, which is what makes in-time aggregation possible (fold each result, drop it);
-- ``*_and_wait`` forms collect results; ``min_responses`` lets a round proceed after k of n.
+  ``data`` usually an :class:`~fedcell.fl_model.FLModel`, ``props`` small settings, ``timeout``);
+- a :class:`TaskResult` is one site's answer. Its status keeps *failed* (user code raised) apart
+  from *crashed* (site lost), *timeout* (no answer in time) and *cancelled* (the controller
+  stopped waiting).
+
+Contract of a :class:`TaskHandle` (what :meth:`Dispatcher.broadcast` returns):
+
+- it yields **exactly one result per target, in arrival order**, which is what makes in-time
+  aggregation possible: a controller folds each result into an accumulator and drops it;
+- when ``task.timeout`` seconds pass, every target still pending yields a ``"timeout"`` result
+  and is asked to stop; :meth:`TaskHandle.cancel` does the same with ``"cancelled"``;
+- a result that arrives after its target timed out or was cancelled, a second result from the
+  same site, or one from a site that is not a target is dropped (:meth:`TaskHandle.deliver`
+  returns ``False``), so a slow or confused site cannot corrupt a finished round.
+
+:class:`TaskHandle` is concrete except for :meth:`TaskHandle.abandon` (how to ask sites to stop):
+an implementation calls :meth:`~TaskHandle.deliver` as answers come in and gets the deadline,
+cancellation and ordering rules above for free.
+
+A :class:`Dispatcher` implements only :attr:`~Dispatcher.sites` and :meth:`~Dispatcher.broadcast`.
+``send`` is a one-target broadcast; ``relay`` chains ``send`` so each site's result becomes the
+next site's task (an implementation that can pass data site to site overrides it). The
+``*_and_wait`` forms add the k-of-n rule: :meth:`Dispatcher.broadcast_and_wait` returns once every
+target answered, or once the deadline passed with at least ``min_responses`` ok results, and
+raises :class:`~fedcell.errors.TooFewResultsError` (listing who dropped and why) as soon as that
+many ok results can no longer come. Its ``fold`` callback hands each ok result to the caller as
+it arrives and keeps only its record, so the server holds one aggregate, not n results.
 
 A controller is one class with ``async run(ctx) -> output``; ``ctx.inputs`` holds the outputs of
 the DAG nodes it depends on, keyed by node name.
@@ -18,12 +40,14 @@ the DAG nodes it depends on, keyed by node name.
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from fedcell.errors import ConfigError, FedcellError, ProtocolError, TooFewResultsError
 from fedcell.transports.codec import wire_type
 
 __all__ = [
@@ -38,11 +62,25 @@ __all__ = [
 
 TaskStatus = Literal["ok", "failed", "crashed", "timeout", "cancelled"]
 
+logger = logging.getLogger("fedcell.dispatcher")
+
 
 @wire_type("fedcell.Task")
 @dataclass(frozen=True)
 class Task:
-    """A unit of work sent to one or more sites."""
+    """A unit of work sent to one or more sites.
+
+    Attributes
+    ----------
+    name:
+        What to do (``"train"``, ``"validate"``, ...); sites map it to an executor.
+    data:
+        The payload, usually an :class:`~fedcell.fl_model.FLModel`; must be wire-encodable.
+    props:
+        Small plain settings for the site (e.g. ``{"local_epochs": 2}``).
+    timeout:
+        Seconds each target has to answer; ``None`` waits until the site answers or is lost.
+    """
 
     name: str
     data: Any = None
@@ -53,7 +91,7 @@ class Task:
 @wire_type("fedcell.TaskResult")
 @dataclass(frozen=True)
 class TaskResult:
-    """One site's answer to a task."""
+    """One site's answer to a task; ``error`` says why when ``status`` is not ``"ok"``."""
 
     site: str
     task: str
@@ -63,25 +101,93 @@ class TaskResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the site finished the task."""
         return self.status == "ok"
+
+    def describe(self) -> str:
+        """``"site-1: ok"`` or ``"site-2: timeout (no result within 5 s)"``."""
+        return f"{self.site}: {self.status}" + (f" ({self.error})" if self.error else "")
 
 
 class TaskHandle(abc.ABC):
-    """Results of a dispatched task, yielded as they arrive; cancellable."""
+    """Results of a dispatched task, yielded as they arrive; cancellable.
 
-    targets: tuple[str, ...]
+    Create it inside a running event loop (the deadline starts then). Implementations call
+    :meth:`deliver` with each target's result and implement :meth:`abandon`.
+
+    Raises
+    ------
+    ConfigError
+        If ``targets`` is empty or names a site twice.
+    """
+
+    def __init__(self, task: Task, targets: Sequence[str]) -> None:
+        if not targets:
+            raise ConfigError(f"task {task.name!r} has no target sites")
+        if len(set(targets)) != len(targets):
+            raise ConfigError(f"task {task.name!r} names a target twice: {list(targets)}")
+        if task.timeout is not None and not task.timeout > 0:
+            raise ConfigError(f"task {task.name!r}: timeout must be > 0, not {task.timeout!r}")
+        self.task = task
+        self.targets: tuple[str, ...] = tuple(targets)
+        self._pending: dict[str, None] = dict.fromkeys(self.targets)
+        self._arrived: asyncio.Queue[TaskResult] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._deadline = None if task.timeout is None else self._loop.time() + task.timeout
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """Targets whose result has not arrived yet."""
+        return tuple(self._pending)
+
+    def deliver(self, result: TaskResult) -> bool:
+        """Hand in a target's result; return ``False`` and drop it if the site is not pending
+        (not a target, answered already, timed out or cancelled)."""
+        if result.site not in self._pending:
+            logger.debug("dropping late or unexpected result %s", result.describe())
+            return False
+        del self._pending[result.site]
+        self._arrived.put_nowait(result)
+        return True
 
     @abc.abstractmethod
-    def __aiter__(self) -> AsyncIterator[TaskResult]:
-        """Yield one result per target (``timeout``/``crashed`` results included), in arrival order."""
+    async def abandon(self, sites: tuple[str, ...]) -> None:
+        """Ask ``sites`` to stop working on the task (best effort, must not raise); called once
+        for the targets still pending at the deadline or at :meth:`cancel`."""
 
-    @abc.abstractmethod
-    async def cancel(self) -> None:
-        """Stop waiting; ask the remaining targets to abandon the task."""
+    async def cancel(self, reason: str = "cancelled by the controller") -> None:
+        """Stop waiting: each pending target yields a ``"cancelled"`` result and is asked to
+        stop. Results already arrived are still yielded."""
+        await self._give_up("cancelled", reason)
+
+    def __aiter__(self) -> TaskHandle:
+        return self
+
+    async def __anext__(self) -> TaskResult:
+        if not self._arrived.empty():
+            return self._arrived.get_nowait()
+        if not self._pending:
+            raise StopAsyncIteration
+        if self._deadline is None:
+            return await self._arrived.get()
+        try:
+            return await asyncio.wait_for(self._arrived.get(), self._deadline - self._loop.time())
+        except asyncio.TimeoutError:
+            await self._give_up("timeout", f"no result within {self.task.timeout:g} s")
+            return self._arrived.get_nowait()
+
+    async def _give_up(self, status: TaskStatus, reason: str) -> None:
+        sites = tuple(self._pending)
+        if not sites:
+            return
+        self._pending.clear()
+        for site in sites:
+            self._arrived.put_nowait(TaskResult(site, self.task.name, status, error=reason))
+        await self.abandon(sites)
 
 
 class Dispatcher(abc.ABC):
-    """What a controller may do with sites."""
+    """What a controller may do with sites: the only runtime API an algorithm sees."""
 
     @property
     @abc.abstractmethod
@@ -90,7 +196,37 @@ class Dispatcher(abc.ABC):
 
     @abc.abstractmethod
     def broadcast(self, task: Task, targets: Sequence[str] | None = None) -> TaskHandle:
-        """Send ``task`` to ``targets`` (default: all sites); results stream from the handle."""
+        """Send ``task`` to ``targets`` (default: all :attr:`sites`); results stream from the
+        handle, one per target.
+
+        Raises
+        ------
+        ConfigError
+            If a target is not a site of the job, or targets are empty or repeated.
+        """
+
+    def send(self, task: Task, target: str) -> TaskHandle:
+        """Send ``task`` to one site; see :meth:`broadcast`."""
+        return self.broadcast(task, [target])
+
+    def relay(self, task: Task, order: Sequence[str]) -> TaskHandle:
+        """Pass ``task`` through the sites in ``order``: each ok result's data becomes the next
+        site's task data; a site that fails, crashes or times out is skipped (its result says
+        why) and the next one gets the last good data. ``task.timeout`` applies to each hop.
+
+        Results are yielded per hop; an ok result's data is the model relayed onward, so a
+        consumer that keeps only the latest holds one model at a time. Each site appears once
+        per relay: a cyclic workflow calls ``relay`` once per cycle.
+
+        Raises
+        ------
+        ConfigError
+            If ``order`` is empty, repeats a site or names a site that is not in the job.
+        """
+        unknown = [site for site in order if site not in self.sites]
+        if unknown:
+            raise ConfigError(f"relay of task {task.name!r}: {unknown} are not sites of the job")
+        return _RelayHandle(self, task, order)
 
     async def broadcast_and_wait(
         self,
@@ -99,29 +235,148 @@ class Dispatcher(abc.ABC):
         *,
         min_responses: int | None = None,
         timeout: float | None = None,
+        fold: Callable[[TaskResult], None] | None = None,
     ) -> list[TaskResult]:
-        """Broadcast and collect results; return once every target answered or, with
-        ``min_responses``, once that many *ok* results came and the rest timed out or failed."""
-        handle = self.broadcast(Task(task.name, task.data, task.props, timeout or task.timeout), targets)
-        return [result async for result in handle]
+        """Broadcast and collect one result per target, in arrival order.
 
-    async def send_and_wait(self, task: Task, target: str, *, timeout: float | None = None) -> TaskResult:
-        """Send ``task`` to one site and wait for its result."""
-        results = await self.broadcast_and_wait(task, [target], timeout=timeout)
+        Parameters
+        ----------
+        task, targets:
+            As for :meth:`broadcast`.
+        min_responses:
+            How many *ok* results the caller needs (default: every target). Returns once every
+            target answered, or once ``timeout`` passed with at least this many ok results (the
+            others recorded as ``"timeout"``).
+        timeout:
+            Seconds to wait; overrides ``task.timeout``.
+        fold:
+            Called with each ok result as it arrives; the returned list then records that result
+            without its data, so the caller keeps one aggregate instead of n results. ``fold``
+            rejects a malformed result by raising :class:`~fedcell.errors.ProtocolError`: it is
+            recorded as ``"failed"`` and does not count as ok.
+
+        Raises
+        ------
+        ConfigError
+            If ``min_responses`` is not between 0 and the number of targets, or the targets
+            are invalid.
+        TooFewResultsError
+            As soon as ``min_responses`` ok results can no longer come (remaining targets are
+            cancelled); its ``results`` say who dropped and why.
+        """
+        chosen = tuple(self.sites if targets is None else targets)
+        needed = len(chosen) if min_responses is None else min_responses
+        if not 0 <= needed <= len(chosen):
+            raise ConfigError(
+                f"min_responses must be between 0 and {len(chosen)} (the number of targets) "
+                f"for task {task.name!r}, not {min_responses!r}"
+            )
+        if timeout is not None:
+            task = replace(task, timeout=timeout)
+        handle = self.broadcast(task, chosen)
+        results: list[TaskResult] = []
+        ok_count = 0
+        try:
+            async for result in handle:
+                if result.ok and fold is not None:
+                    result = _folded(result, fold)
+                ok_count += result.ok
+                results.append(result)
+                if ok_count + len(chosen) - len(results) < needed:
+                    await handle.cancel(f"{needed} ok results can no longer come")
+                    results.extend([late async for late in handle])
+                    break
+        finally:
+            if handle.pending:  # the caller was cancelled or fold raised: release the sites
+                await handle.cancel()
+        if ok_count < needed:
+            raise TooFewResultsError(
+                f"task {task.name!r}: {ok_count} of {len(chosen)} sites answered ok, {needed} "
+                f"needed; " + "; ".join(r.describe() for r in results if not r.ok),
+                [replace(r, data=None) for r in results],
+            )
+        return results
+
+    async def send_and_wait(
+        self, task: Task, target: str, *, timeout: float | None = None
+    ) -> TaskResult:
+        """Send ``task`` to one site and return its result, whatever its status.
+
+        Raises
+        ------
+        ConfigError
+            If ``target`` is not a site of the job.
+        """
+        results = await self.broadcast_and_wait(task, [target], min_responses=0, timeout=timeout)
         return results[0]
 
-    @abc.abstractmethod
     async def relay_and_wait(
         self, task: Task, order: Sequence[str], *, timeout: float | None = None
     ) -> list[TaskResult]:
-        """Pass ``task`` through ``order``: each site's result data becomes the next site's task
-        data. A site that fails or is lost is skipped (its result records why); the server holds
-        at most one model at a time."""
+        """Run :meth:`relay` to the end and return one result per hop. Only the last ok result
+        keeps its data (the relayed output); earlier hops are recorded without it.
+
+        Raises
+        ------
+        ConfigError
+            If ``order`` is empty, repeats a site or names a site that is not in the job.
+        """
+        if timeout is not None:
+            task = replace(task, timeout=timeout)
+        results: list[TaskResult] = []
+        last_ok: int | None = None
+        async for result in self.relay(task, order):
+            if result.ok:
+                if last_ok is not None:
+                    results[last_ok] = replace(results[last_ok], data=None)
+                last_ok = len(results)
+            results.append(result)
+        return results
+
+
+def _folded(result: TaskResult, fold: Callable[[TaskResult], None]) -> TaskResult:
+    try:
+        fold(result)
+    except ProtocolError as exc:
+        logger.warning("rejected result from %s for %r: %s", result.site, result.task, exc)
+        return replace(result, status="failed", data=None, error=f"result rejected: {exc}")
+    return replace(result, data=None)
+
+
+class _RelayHandle(TaskHandle):
+    """Drives :meth:`Dispatcher.relay` with one :meth:`Dispatcher.send` per hop."""
+
+    def __init__(self, dispatcher: Dispatcher, task: Task, order: Sequence[str]) -> None:
+        super().__init__(replace(task, timeout=None), order)  # the deadline is per hop
+        self._hop_task = task
+        self._current_hop: TaskHandle | None = None
+        self._dispatcher = dispatcher
+        self._driver = asyncio.ensure_future(self._drive())
+
+    async def _drive(self) -> None:
+        data = self._hop_task.data
+        for site in self.targets:
+            try:
+                hop = self._dispatcher.send(replace(self._hop_task, data=data), site)
+            except FedcellError as exc:  # e.g. the site left the job since relay() checked
+                self.deliver(TaskResult(site, self._hop_task.name, "crashed", error=str(exc)))
+                continue
+            self._current_hop = hop
+            async for result in hop:
+                if result.ok:
+                    data = result.data
+                self.deliver(result)
+        self._current_hop = None
+
+    async def abandon(self, sites: tuple[str, ...]) -> None:
+        self._driver.cancel()
+        if self._current_hop is not None:
+            await self._current_hop.cancel()
 
 
 @dataclass
 class ControllerContext:
-    """What a running DAG node gets."""
+    """What a running DAG node gets: its dispatcher and the outputs of the nodes it follows."""
 
     job_id: str
     node: str
@@ -132,10 +387,16 @@ class ControllerContext:
 
 
 class Controller(abc.ABC):
-    """A DAG node: an algorithm that drives sites through a :class:`Dispatcher`."""
+    """A DAG node: an algorithm that drives sites through a :class:`Dispatcher`.
 
-    #: Task names this controller sends; job validation checks every site can run them.
-    task_names: tuple[str, ...] = ()
+    Subclasses are dataclasses whose fields are their configuration (plain values, so a job can
+    export them); :meth:`validate` checks them before anything runs.
+    """
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """Task names this controller sends; job validation checks every site can run them."""
+        return ()
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the bad parameter; called before the job runs."""
