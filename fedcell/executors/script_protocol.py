@@ -1,0 +1,285 @@
+"""The exchange between a :class:`~fedcell.executors.script_runner.ScriptRunner` and the user's
+Client-API script: one contract, two carriers (a thread in this process, or a child process).
+
+Who does what::
+
+    executor (asyncio, site side)                    script (blocking, user side)
+    ─────────────────────────────                    ────────────────────────────
+    ScriptExchange.run_task(task) ──ScriptTask──▶    flare.receive()   = session.next_task()
+          awaits the task's future  ◀─ScriptResult─  flare.send(model) = session.submit(...)
+    ScriptExchange.fail(traceback)  ◀─ScriptFailure─ the script raised
+    ScriptExchange.script_ended(..) ◀── exit ──────  the thread returned / the process exited
+    ScriptExchange.close()          ──── None ───▶   flare.is_running() → False
+
+The script *pulls* tasks (``next_task`` waits until the executor has one): a script that trains
+for an hour holds no open request that could time out, and a task is only ever in one place —
+in the queue, or taken by the script and awaited by the executor.
+
+:class:`ScriptExchange` is the single source of truth and lives on the executor's event loop.
+The thread carrier calls it through ``run_coroutine_threadsafe``/``call_soon_threadsafe``
+(:mod:`fedcell.executors.script_thread`); the process carrier calls it from cell handlers
+(:mod:`fedcell.executors.script_process`). So *failed* vs *crashed*, stale results and
+cancellation behave the same in both modes:
+
+- the script raised → every awaited task (and every later one) fails with
+  :class:`~fedcell.errors.TaskFailedError` carrying the traceback;
+- the script ended (returned, ``sys.exit``, killed) while a task was awaited, or a task arrives
+  after it ended → :class:`~fedcell.errors.SiteCrashedError`;
+- a task cancelled before the script took it is skipped; a result for a task nobody awaits any
+  more is logged and dropped.
+
+The script side sees a :class:`ScriptSession` (blocking calls). The executor binds one to the
+script's thread (thread mode) with :func:`bind_thread_session`; ``fedcell.client.init()`` looks it
+up there first, then in the environment variables :data:`ENV_URL`, :data:`ENV_TOKEN` and
+:data:`ENV_CELL` that a child process inherits (process mode). Everything that crosses a process
+boundary is a registered wire dataclass below, encoded by the safe codec (never pickle).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedcell.engine.dispatcher import Task
+from fedcell.errors import ConfigError, SiteCrashedError, TaskFailedError
+from fedcell.fl_model import FLModel
+from fedcell.transports.codec import wire_type
+from fedcell.transports.message import new_id
+
+__all__ = [
+    "CHANNEL",
+    "ENV_CELL",
+    "ENV_TOKEN",
+    "ENV_URL",
+    "ScriptExchange",
+    "ScriptFailure",
+    "ScriptLog",
+    "ScriptResult",
+    "ScriptSession",
+    "ScriptTask",
+    "SiteInfo",
+    "bind_thread_session",
+    "thread_session",
+]
+
+#: Environment of a script child process: where its site listens, the secret it must present,
+#: and the cell name it must use.
+ENV_URL = "FEDCELL_SCRIPT_URL"
+ENV_TOKEN = "FEDCELL_SCRIPT_TOKEN"
+ENV_CELL = "FEDCELL_SCRIPT_CELL"
+
+#: Cell channel of the process carrier; topics are the operations below.
+CHANNEL = "fedcell.script"
+
+
+@wire_type("fedcell.script.SiteInfo")
+@dataclass(frozen=True)
+class SiteInfo:
+    """What the script learns at ``flare.init()``."""
+
+    site_name: str
+    job_id: str
+    params_format: str = "pytorch"
+    train_task: str = "train"
+    evaluate_task: str = "validate"
+    submit_model_task: str = "submit_model"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@wire_type("fedcell.script.ScriptTask")
+@dataclass(frozen=True)
+class ScriptTask:
+    """One task as the script receives it."""
+
+    task_id: str
+    name: str
+    model: FLModel
+
+
+@wire_type("fedcell.script.ScriptResult")
+@dataclass(frozen=True)
+class ScriptResult:
+    """The script's answer to the task ``task_id``."""
+
+    task_id: str
+    model: FLModel
+
+
+@wire_type("fedcell.script.ScriptFailure")
+@dataclass(frozen=True)
+class ScriptFailure:
+    """The script raised; ``traceback`` is the formatted exception."""
+
+    traceback: str
+
+
+@wire_type("fedcell.script.ScriptLog")
+@dataclass(frozen=True)
+class ScriptLog:
+    """One ``flare.log(key, value, data_type, **kwargs)`` record."""
+
+    key: str
+    value: Any
+    data_type: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class ScriptSession(abc.ABC):
+    """The script's end of the exchange. Every call blocks the calling (script) thread only."""
+
+    site_info: SiteInfo
+
+    @abc.abstractmethod
+    def next_task(self, timeout: float | None = None) -> ScriptTask | None:
+        """Wait for the next task; ``None`` once the job is over.
+
+        Raises
+        ------
+        RequestTimeoutError
+            If ``timeout`` seconds passed without a task.
+        """
+
+    @abc.abstractmethod
+    def submit(self, result: ScriptResult) -> None:
+        """Hand a result to the executor."""
+
+    @abc.abstractmethod
+    def log(self, record: ScriptLog) -> None:
+        """Pass a log record to the site."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the session's resources. Idempotent."""
+
+
+_binding = threading.local()
+
+
+def bind_thread_session(session: ScriptSession | None) -> None:
+    """Make ``session`` the one ``fedcell.client.init()`` finds on the calling thread."""
+    _binding.session = session
+
+
+def thread_session() -> ScriptSession | None:
+    """The session bound to the calling thread, if any."""
+    session: ScriptSession | None = getattr(_binding, "session", None)
+    return session
+
+
+class ScriptExchange:
+    """Executor-side state of one script run; every method runs on the executor's event loop.
+
+    Parameters
+    ----------
+    script_label:
+        How error messages name the script (``"script train.py"``).
+    logger:
+        Where dropped results are reported.
+    """
+
+    def __init__(self, script_label: str, logger: logging.Logger) -> None:
+        self._label = script_label
+        self._logger = logger
+        self._queue: asyncio.Queue[ScriptTask | None] = asyncio.Queue()
+        self._awaited: dict[str, tuple[str, asyncio.Future[FLModel]]] = {}
+        self._failure: str | None = None
+        self._end: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the script has ended (returned, raised, exited or died)."""
+        return self._end is not None
+
+    async def run_task(self, task: Task) -> FLModel:
+        """Queue ``task`` for the script and wait for its result.
+
+        Raises
+        ------
+        ConfigError
+            If ``task.data`` is neither an ``FLModel`` nor ``None``.
+        TaskFailedError
+            If the script raised (now or before).
+        SiteCrashedError
+            If the script ended before answering.
+        """
+        self._raise_if_gone(task.name)
+        if task.data is None:
+            model = FLModel()
+        elif isinstance(task.data, FLModel):
+            model = task.data
+        else:
+            raise ConfigError(
+                f"task {task.name!r} carries {type(task.data).__name__}; a Client-API script "
+                "receives an FLModel (or nothing)"
+            )
+        script_task = ScriptTask(new_id(), task.name, model)
+        future: asyncio.Future[FLModel] = asyncio.get_running_loop().create_future()
+        self._awaited[script_task.task_id] = (task.name, future)
+        self._queue.put_nowait(script_task)
+        try:
+            return await future
+        finally:
+            self._awaited.pop(script_task.task_id, None)
+
+    async def next_task(self) -> ScriptTask | None:
+        """The next task still awaited by the executor; ``None`` after :meth:`close`."""
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                self._queue.put_nowait(None)  # every later call sees the end too
+                return None
+            if item.task_id in self._awaited:
+                return item
+
+    def submit(self, result: ScriptResult) -> None:
+        """Resolve the task ``result.task_id``; a result nobody awaits is logged and dropped."""
+        entry = self._awaited.get(result.task_id)
+        if entry is None or entry[1].done():
+            self._logger.warning(
+                "%s answered task %s, which is no longer awaited (cancelled, or answered "
+                "twice); the result is dropped",
+                self._label,
+                result.task_id,
+            )
+            return
+        entry[1].set_result(result.model)
+
+    def fail(self, traceback_text: str) -> None:
+        """The script raised: fail every awaited task, and every later one, with the traceback."""
+        self._failure = traceback_text
+        for name, future in self._awaited.values():
+            if not future.done():
+                future.set_exception(self._failed_error(name))
+
+    def script_ended(self, how: str) -> None:
+        """The script is gone (``how``: "returned", "exited with code 1", ...)."""
+        if self._end is not None:
+            return
+        self._end = how
+        for name, future in self._awaited.values():
+            if not future.done():
+                future.set_exception(self._crashed_error(name))
+
+    def close(self) -> None:
+        """No more tasks: the script's ``next_task`` returns ``None`` from now on."""
+        self._queue.put_nowait(None)
+
+    def _raise_if_gone(self, task_name: str) -> None:
+        if self._failure is not None:
+            raise self._failed_error(task_name)
+        if self._end is not None:
+            raise self._crashed_error(task_name)
+
+    def _failed_error(self, task_name: str) -> TaskFailedError:
+        return TaskFailedError(
+            f"{self._label} raised while running task {task_name!r}:\n{self._failure}"
+        )
+
+    def _crashed_error(self, task_name: str) -> SiteCrashedError:
+        return SiteCrashedError(
+            f"{self._label} {self._end} without answering task {task_name!r}"
+        )

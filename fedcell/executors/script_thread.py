@@ -1,0 +1,377 @@
+"""Thread mode of the ScriptRunner: the user's script runs on a thread of the site process.
+
+The script is compiled and executed in a fresh ``__main__`` namespace (``__name__ ==
+"__main__"``, ``__file__`` set), on its own thread, once per job: its ``while
+flare.is_running():`` loop lives across rounds. ``runpy.run_path`` is *not* used, because it
+swaps ``sys.modules["__main__"]`` and ``sys.argv[0]`` for the whole process, which corrupts both
+when several sites' scripts run at once (the simulator runs every site in one process).
+
+Process-wide state a script expects is routed per thread instead (:class:`_ThreadRouting`):
+
+- ``sys.argv`` reads as ``[script, *args]`` on the script's thread (argparse and click read
+  ``sys.argv[1:]``); other threads see the original argv.
+- ``sys.stdout``/``sys.stderr`` writes from the script's thread become lines of the site log
+  (``INFO`` for stdout, ``WARNING`` for stderr); other threads write where they did before.
+- the script's folder is on ``sys.path`` while a script from it runs (so ``from net import Net``
+  finds the file next to it), reference-counted across concurrent scripts.
+
+Threads the script starts itself are not routed (their output goes to the process's streams).
+
+The script talks to its executor through :class:`ThreadSession`, which calls the loop-side
+:class:`~fedcell.executors.script_protocol.ScriptExchange` with ``run_coroutine_threadsafe`` /
+``call_soon_threadsafe``: the event loop is never blocked by the script, and the script blocks
+only itself. A result handed to ``flare.send`` is copied (tensors and arrays) before it crosses
+to the loop, so a script that keeps training after ``send`` cannot change what was sent — the
+same guarantee process mode gets from serialization, at the cost of one model copy per round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import contextlib
+import io
+import logging
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, SupportsIndex, TextIO
+
+import numpy as np
+
+from fedcell.errors import RequestTimeoutError
+from fedcell.executors.script_protocol import (
+    ScriptExchange,
+    ScriptLog,
+    ScriptResult,
+    ScriptSession,
+    ScriptTask,
+    SiteInfo,
+    bind_thread_session,
+)
+
+__all__ = ["ThreadScriptHost", "ThreadSession"]
+
+_routes = threading.local()
+
+
+def _private_copy(value: Any) -> Any:
+    """A copy of ``value`` that shares no array/tensor memory with it."""
+    if isinstance(value, dict):
+        return {k: _private_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_private_copy(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    return value
+
+
+class ThreadSession(ScriptSession):
+    """The script's end of the exchange in thread mode (called on the script's thread)."""
+
+    def __init__(
+        self,
+        site_info: SiteInfo,
+        exchange: ScriptExchange,
+        loop: asyncio.AbstractEventLoop,
+        on_log: Callable[[ScriptLog], None],
+    ) -> None:
+        self.site_info = site_info
+        self._exchange = exchange
+        self._loop = loop
+        self._on_log = on_log
+
+    def next_task(self, timeout: float | None = None) -> ScriptTask | None:
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._exchange.next_task(), self._loop)
+        except RuntimeError:  # the site's loop is closed: the job is over
+            return None
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise RequestTimeoutError(f"no task arrived within {timeout} s") from None
+        except concurrent.futures.CancelledError:
+            return None
+
+    def submit(self, result: ScriptResult) -> None:
+        model = replace(
+            result.model,
+            params=_private_copy(result.model.params),
+            optimizer_params=_private_copy(result.model.optimizer_params),
+        )
+        self.call_on_loop(self._exchange.submit, ScriptResult(result.task_id, model))
+
+    def log(self, record: ScriptLog) -> None:
+        self.call_on_loop(self._on_log, record)
+
+    def close(self) -> None:
+        """Nothing to release: the thread's binding ends with the script run."""
+
+    def call_on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback(*args)`` on the executor's loop; dropped if the loop is closed."""
+        with contextlib.suppress(RuntimeError):  # a closed loop has nobody left to tell
+            self._loop.call_soon_threadsafe(callback, *args)
+
+
+class _LogLines(io.TextIOBase):
+    """A text sink that turns whole lines into log records."""
+
+    def __init__(self, logger: logging.Logger, level: int, prefix: str) -> None:
+        self._logger = logger
+        self._level = level
+        self._prefix = prefix
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self._emit(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._emit(self._pending)
+            self._pending = ""
+
+    def _emit(self, line: str) -> None:
+        # A log handler created on the script's thread may hold the routed stream itself
+        # (``logging.basicConfig()`` in the script): while emitting, writes go to the original
+        # stream instead of coming back here forever.
+        _routes.emitting = True
+        try:
+            self._logger.log(self._level, "%s%s", self._prefix, line)
+        finally:
+            _routes.emitting = False
+
+
+class _RoutedStream(io.TextIOBase):
+    """Stands in for ``sys.stdout``/``sys.stderr``: the script's thread writes to its log sink,
+    every other thread to the stream that was there before."""
+
+    def __init__(self, original: TextIO, attribute: str) -> None:
+        self.original = original
+        self._attribute = attribute
+
+    def _target(self) -> TextIO | _LogLines:
+        sink: _LogLines | None = getattr(_routes, self._attribute, None)
+        if sink is None or getattr(_routes, "emitting", False):
+            return self.original
+        return sink
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:  # encoding, errors, buffer, fileno ...
+        return getattr(self.original, name)
+
+
+class _RoutedArgv(list[str]):
+    """Stands in for ``sys.argv``: reads on a script's thread see that script's argv."""
+
+    def _current(self) -> list[str]:
+        argv: list[str] | None = getattr(_routes, "argv", None)
+        return argv if argv is not None else list(super().__iter__())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._current()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._current()
+
+    def __eq__(self, other: object) -> bool:
+        return self._current() == other
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(self._current())
+
+    def copy(self) -> list[str]:
+        return list(self._current())
+
+    def index(self, value: str, start: SupportsIndex = 0, stop: SupportsIndex = sys.maxsize) -> int:
+        return self._current().index(value, start, stop)
+
+    def count(self, value: str) -> int:
+        return self._current().count(value)
+
+
+class _ThreadRouting:
+    """Installs the per-thread stand-ins while at least one script thread runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: tuple[Any, Any, Any] | None = None
+        self._path_users: dict[str, int] = {}
+
+    def enter(self, argv: list[str], logger: logging.Logger, label: str, folder: str) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = (sys.argv, sys.stdout, sys.stderr)
+                sys.argv = _RoutedArgv(sys.argv)
+                sys.stdout = _RoutedStream(sys.stdout, "stdout")
+                sys.stderr = _RoutedStream(sys.stderr, "stderr")
+            self._users += 1
+            if self._path_users.get(folder, 0) == 0 and folder not in sys.path:
+                sys.path.insert(0, folder)
+                self._path_users[folder] = 1
+            elif folder in self._path_users:
+                self._path_users[folder] += 1
+        _routes.argv = argv
+        _routes.stdout = _LogLines(logger, logging.INFO, f"[{label}] ")
+        _routes.stderr = _LogLines(logger, logging.WARNING, f"[{label}] ")
+
+    def exit(self, folder: str) -> None:
+        for name in ("stdout", "stderr"):
+            getattr(_routes, name).flush()
+            setattr(_routes, name, None)
+        _routes.argv = None
+        with self._lock:
+            self._users -= 1
+            if folder in self._path_users:
+                self._path_users[folder] -= 1
+                if self._path_users[folder] == 0:
+                    del self._path_users[folder]
+                    if folder in sys.path:
+                        sys.path.remove(folder)
+            if self._users == 0 and self._saved is not None:
+                argv, stdout, stderr = self._saved
+                # Restore only what is still ours (someone may have replaced it meanwhile).
+                if isinstance(sys.argv, _RoutedArgv):
+                    sys.argv = argv
+                if isinstance(sys.stdout, _RoutedStream):
+                    sys.stdout = stdout
+                if isinstance(sys.stderr, _RoutedStream):
+                    sys.stderr = stderr
+                self._saved = None
+
+
+_routing = _ThreadRouting()
+
+
+class ThreadScriptHost:
+    """Runs one script on a thread for the life of a job.
+
+    Parameters
+    ----------
+    script:
+        The script file.
+    args:
+        Its command-line arguments (``sys.argv[1:]`` as the script sees it).
+    site_info:
+        What ``flare.init()`` tells the script.
+    logger:
+        The site log; the script's output and ``flare.log`` records go there.
+    """
+
+    def __init__(
+        self, script: Path, args: list[str], site_info: SiteInfo, logger: logging.Logger
+    ) -> None:
+        self._script = script
+        self._args = args
+        self._site_info = site_info
+        self._logger = logger
+        self._label = f"script {script.name}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ended: asyncio.Future[None] | None = None
+        self.exchange = ScriptExchange(self._label, logger)
+
+    async def start(self) -> None:
+        """Start the script's thread."""
+        self._loop = asyncio.get_running_loop()
+        self._ended = self._loop.create_future()
+        session = ThreadSession(self._site_info, self.exchange, self._loop, self._log_record)
+        thread = threading.Thread(
+            target=self._run,
+            args=(session,),
+            name=f"fedcell-script-{self._site_info.site_name}",
+            daemon=True,
+        )
+        thread.start()
+
+    def _log_record(self, record: ScriptLog) -> None:
+        self._logger.info(
+            "[%s] %s = %r (%s)",
+            self._label,
+            record.key,
+            record.value,
+            record.data_type,
+            extra={"fedcell_log": record},
+        )
+
+    def _on_ended(self, how: str) -> None:
+        self.exchange.script_ended(how)
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
+
+    def _run(self, session: ThreadSession) -> None:
+        folder = str(self._script.resolve().parent)
+        _routing.enter([str(self._script), *self._args], self._logger, self._label, folder)
+        bind_thread_session(session)
+        how = "returned"
+        try:
+            code = compile(self._script.read_bytes(), str(self._script), "exec")
+            namespace: dict[str, Any] = {
+                "__name__": "__main__",
+                "__file__": str(self._script),
+                "__builtins__": builtins,
+                "__doc__": None,
+                "__package__": None,
+                "__spec__": None,
+                "__loader__": None,
+                "__cached__": None,
+            }
+            exec(code, namespace)
+        except SystemExit as exc:
+            how = "exited" if exc.code in (None, 0) else f"exited with code {exc.code}"
+        except BaseException as exc:
+            how = "raised"
+            tb = exc.__traceback__
+            # Drop this frame so the traceback starts in the user's script.
+            text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
+            session.call_on_loop(self.exchange.fail, text)
+        finally:
+            bind_thread_session(None)
+            _routing.exit(folder)
+            session.call_on_loop(self._on_ended, how)
+
+    async def stop(self, grace: float) -> None:
+        """Tell the script the job is over and wait up to ``grace`` seconds for it to end."""
+        self.exchange.close()
+        if self._ended is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ended), grace)
+        except TimeoutError:
+            self._logger.warning(
+                "%s did not end within %s s after the job ended; its thread is left running",
+                self._label,
+                grace,
+            )
