@@ -1,0 +1,299 @@
+"""In-time weighted averaging of site results: the server holds one accumulator, not n models.
+
+:class:`WeightedMean` is folded one :class:`~fedcell.engine.dispatcher.TaskResult` at a time, as
+results arrive (``Dispatcher.broadcast_and_wait(..., fold=mean.fold)``), and each result can be
+dropped once folded. Memory is the accumulator (one model at accumulator precision) whatever the
+number of sites.
+
+Rules, which follow NVIDIA FLARE's weighted aggregation:
+
+- **Weight** of a result: ``meta[weigh_by]`` (default ``"NUM_STEPS_CURRENT_ROUND"``, FLARE's
+  convention; a sample count works the same), 1 when the key is absent or ``weigh_by`` is
+  ``None``. A weight that is not a finite number > 0 rejects the result.
+- **Per-key means**: a site may send a subset of the reference keys (e.g. only trainable
+  layers); each key is averaged over the sites that sent it. Keys nobody sent keep their
+  reference (global) value.
+- **FULL and DIFF**: the first result fixes the round's ``params_type`` (``None`` means FULL);
+  a result of the other type is rejected. :meth:`WeightedMean.mean` is the mean of what was
+  sent; :meth:`WeightedMean.update` turns it into the step from the global model (mean − global
+  for FULL, the mean diff itself for DIFF), which server optimizers consume.
+- **Validation first**: a result is checked whole (type, known keys, shapes, weight) before any
+  of it is added, so a rejected result (:class:`~fedcell.errors.ProtocolError`, recorded by the
+  dispatcher as that site's ``"failed"``) leaves the accumulator untouched.
+
+Precision and memory (the budget is server memory ≤ 2·S + 256 MiB for an S-byte model): the
+accumulator is float64 when the whole model has at most :data:`FLOAT64_ACCUMULATOR_LIMIT`
+elements (≤ 64 MiB of accumulator, where exactness is free), float32 above that (float64
+parameters always accumulate in float64). So bf16/fp16 models are summed in at least float32
+rather than in their own 8-bit mantissa, and a large float32 model costs one extra S. Results come
+back in each reference parameter's dtype (integers rounded), so bf16 stays bf16.
+
+Arrays stay in the reference's library: numpy references accumulate with numpy, torch references
+with torch (CPU), and a site's tensor of the other library is converted on the way in. All
+arithmetic is whole-array (vectorized); there is no per-element Python.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedcell.engine.dispatcher import TaskResult
+from fedcell.errors import ProtocolError
+from fedcell.fl_model import FLModel, ParamsType
+
+__all__ = [
+    "FLOAT64_ACCUMULATOR_LIMIT",
+    "WeightedMean",
+    "add_into",
+    "as_params",
+    "cast_like",
+    "is_tensor",
+    "sign",
+    "sqrt",
+    "zeros_like",
+]
+
+#: Models with at most this many elements accumulate in float64 (64 MiB of accumulator).
+FLOAT64_ACCUMULATOR_LIMIT = 8 * 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# array helpers shared by the aggregation and the server optimizers (numpy or torch, whole-array)
+
+
+def is_tensor(value: object) -> bool:
+    """Whether ``value`` is a torch tensor (without importing torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _is_array(value: object) -> bool:
+    return isinstance(value, np.ndarray) or is_tensor(value)
+
+
+def _float_dtype_name(value: Any) -> str:
+    return str(value.dtype).removeprefix("torch.")
+
+
+def zeros_like(value: Any, dtype_name: str) -> Any:
+    """Zeros with ``value``'s shape and library, of dtype ``"float32"`` or ``"float64"``."""
+    if isinstance(value, np.ndarray):
+        return np.zeros(value.shape, dtype=dtype_name)
+    import torch
+
+    return torch.zeros(value.shape, dtype=getattr(torch, dtype_name))
+
+
+def add_into(accumulator: Any, value: Any, weight: float) -> None:
+    """``accumulator += weight * value`` in place (``value`` in the accumulator's library)."""
+    if isinstance(accumulator, np.ndarray):
+        accumulator += weight * value
+    else:
+        accumulator.add_(value, alpha=weight)
+
+
+def cast_like(value: Any, reference: Any) -> Any:
+    """``value`` in ``reference``'s dtype (rounded for integer and bool dtypes)."""
+    if isinstance(reference, np.ndarray):
+        if reference.dtype.kind in "iub":
+            value = np.rint(value)
+        return value.astype(reference.dtype, copy=False)
+    if not (reference.is_floating_point() or reference.is_complex()):
+        value = value.round()
+    return value.to(reference.dtype)
+
+
+def sqrt(value: Any) -> Any:
+    """Element-wise square root, numpy or torch."""
+    return np.sqrt(value) if isinstance(value, np.ndarray) else value.sqrt()
+
+
+def sign(value: Any) -> Any:
+    """Element-wise sign, numpy or torch."""
+    return np.sign(value) if isinstance(value, np.ndarray) else value.sign()
+
+
+def as_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A parameter dict whose values are arrays: tensors and arrays kept, numbers and nested lists
+    (as a job config exports them) made numpy arrays."""
+    return {name: v if _is_array(v) else np.asarray(v) for name, v in params.items()}
+
+
+def _in_library_of(value: Any, reference: Any) -> Any:
+    """``value`` (a site's array) as the reference's library; CPU, no grad."""
+    if isinstance(reference, np.ndarray):
+        if isinstance(value, np.ndarray):
+            return value
+        tensor = value.detach().cpu()
+        if _float_dtype_name(tensor) in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            tensor = tensor.float()  # numpy has no such dtypes
+        return tensor.numpy()
+    if isinstance(value, np.ndarray):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(value))
+    return value.detach().cpu()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _weight_of(model: FLModel, weigh_by: str | None, site: str) -> float:
+    if weigh_by is None or weigh_by not in model.meta:
+        return 1.0
+    weight = model.meta[weigh_by]
+    if not _is_number(weight):
+        raise ProtocolError(f"{site}: meta[{weigh_by!r}] must be a number, not {weight!r}")
+    if not (math.isfinite(weight) and weight > 0):
+        raise ProtocolError(f"{site}: meta[{weigh_by!r}] must be finite and > 0, not {weight!r}")
+    return float(weight)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class WeightedMean:
+    """Running weighted mean of :class:`~fedcell.fl_model.FLModel` params and metrics.
+
+    Parameters
+    ----------
+    reference:
+        The global params the sites received (name → numpy array or torch tensor): fixes the
+        keys, shapes, dtypes and library. ``None`` averages metrics only (e.g. validation).
+    weigh_by:
+        The ``meta`` key holding a result's weight; ``None`` weighs every result 1.
+    """
+
+    def __init__(
+        self,
+        reference: Mapping[str, Any] | None,
+        weigh_by: str | None = "NUM_STEPS_CURRENT_ROUND",
+    ) -> None:
+        self.reference: Mapping[str, Any] = reference if reference is not None else {}
+        self._averages_params = reference is not None
+        self.weigh_by = weigh_by
+        elements = sum(int(np.prod(tuple(v.shape))) for v in self.reference.values())
+        self._precision = "float64" if elements <= FLOAT64_ACCUMULATOR_LIMIT else "float32"
+        self._sums: dict[str, Any] = {}
+        self._weights: dict[str, float] = {}
+        self._metric_sums: dict[str, float] = {}
+        self._metric_weights: dict[str, float] = {}
+        self.params_type: ParamsType | None = None
+        self.count = 0
+        self._finalized: str | None = None  # "mean" or "update": the accumulators' content
+
+    def fold(self, result: TaskResult) -> None:
+        """Add an ok result's FLModel (the ``fold`` callback of ``broadcast_and_wait``).
+
+        Raises
+        ------
+        ProtocolError
+            If the result is not a usable FLModel (see :meth:`add`).
+        """
+        if not isinstance(result.data, FLModel):
+            raise ProtocolError(
+                f"{result.site}: expected an FLModel, got {type(result.data).__name__}"
+            )
+        self.add(result.data, site=result.site)
+
+    def add(self, model: FLModel, site: str = "a site") -> None:
+        """Fold ``model`` in; nothing is added when it is rejected.
+
+        Raises
+        ------
+        ProtocolError
+            If its params are not a dict of arrays with the reference's keys and shapes, its
+            params type differs from the round's, or its weight is not a positive number.
+        """
+        if self._finalized is not None:
+            raise RuntimeError(f"WeightedMean.add after {self._finalized}(): the result is final")
+        if not isinstance(model.meta, Mapping):
+            raise ProtocolError(f"{site}: meta must be a dict, not {type(model.meta).__name__}")
+        if model.metrics is not None and not isinstance(model.metrics, Mapping):
+            raise ProtocolError(
+                f"{site}: metrics must be a dict, not {type(model.metrics).__name__}"
+            )
+        weight = _weight_of(model, self.weigh_by, site)
+        params: dict[str, Any] = {}
+        if self._averages_params:
+            params = self._checked_params(model, site)
+            kind = ParamsType(model.params_type or ParamsType.FULL)
+            if self.params_type is None:
+                self.params_type = kind
+            elif kind is not self.params_type:
+                raise ProtocolError(
+                    f"{site}: sent {kind} params in a round of {self.params_type} params"
+                )
+        for name, value in params.items():
+            if name not in self._sums:
+                self._sums[name] = zeros_like(self.reference[name], self._precision_of(name))
+                self._weights[name] = 0.0
+            add_into(self._sums[name], value, weight)
+            self._weights[name] += weight
+        for name, metric in (model.metrics or {}).items():
+            if _is_number(metric) and math.isfinite(metric):
+                self._metric_sums[name] = self._metric_sums.get(name, 0.0) + weight * metric
+                self._metric_weights[name] = self._metric_weights.get(name, 0.0) + weight
+        self.count += 1
+
+    def _precision_of(self, name: str) -> str:
+        return "float64" if _float_dtype_name(self.reference[name]) == "float64" else self._precision
+
+    def _checked_params(self, model: FLModel, site: str) -> dict[str, Any]:
+        if not isinstance(model.params, Mapping):
+            raise ProtocolError(
+                f"{site}: params must be a dict of arrays, not {type(model.params).__name__}"
+            )
+        checked: dict[str, Any] = {}
+        for name, value in model.params.items():
+            reference = self.reference.get(name)
+            if reference is None:
+                raise ProtocolError(f"{site}: param {name!r} is not in the global model")
+            if not _is_array(value):
+                raise ProtocolError(
+                    f"{site}: param {name!r} is {type(value).__name__}, not an array or tensor"
+                )
+            if tuple(value.shape) != tuple(reference.shape):
+                raise ProtocolError(
+                    f"{site}: param {name!r} has shape {tuple(value.shape)}, the global model "
+                    f"has {tuple(reference.shape)}"
+                )
+            if _float_dtype_name(value).startswith("complex"):
+                raise ProtocolError(f"{site}: param {name!r} is complex")
+            checked[name] = _in_library_of(value, reference)
+        return checked
+
+    def mean(self) -> dict[str, Any]:
+        """The weighted mean of each key some site sent, at accumulator precision (float64 or
+        float32). Finalizes: the accumulators are divided in place and returned (no copy)."""
+        if self._finalized == "update":
+            raise RuntimeError("WeightedMean.mean after update(): the accumulators hold the step")
+        if self._finalized is None:
+            for name, total in self._sums.items():
+                total /= self._weights[name]
+            self._finalized = "mean"
+        return self._sums
+
+    def update(self) -> dict[str, Any]:
+        """The averaged step from the global model, per key sent, at accumulator precision:
+        ``mean - global`` for FULL rounds, the mean diff for DIFF rounds. Finalizes in place."""
+        if self._finalized == "update":
+            return self._sums
+        means = self.mean()
+        if self.params_type is ParamsType.FULL:
+            for name, value in means.items():
+                value -= self.reference[name]
+        self._finalized = "update"
+        return means
+
+    def metrics(self) -> dict[str, float]:
+        """Weighted mean of each numeric metric, over the results that reported it."""
+        return {
+            name: total / self._metric_weights[name] for name, total in self._metric_sums.items()
+        }
