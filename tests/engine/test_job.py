@@ -194,7 +194,7 @@ def test_add_file_needs_an_existing_unique_file(tmp_path: Path) -> None:
     assert job.files == (script.resolve(),)
     with pytest.raises(ConfigError, match="no such file"):
         job.add_file(tmp_path / "missing.py")
-    with pytest.raises(ConfigError, match="'train.py' is already added"):
+    with pytest.raises(ConfigError, match=r"'train\.py' is already added"):
         job.add_file(tmp_path / "other" / "train.py")
 
 
