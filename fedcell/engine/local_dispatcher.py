@@ -112,10 +112,12 @@ class _LocalHandle(TaskHandle):
 
     def _finished(self, running: asyncio.Task[TaskResult]) -> None:
         if not running.cancelled():
-            self.deliver(running.result())
+            result = running.result()
+            del self._work[result.site]  # the finished task holds the result: let it go
+            self.deliver(result)
 
     async def abandon(self, sites: tuple[str, ...]) -> None:
-        stopping = [self._work[site] for site in sites]
+        stopping = [self._work[site] for site in sites if site in self._work]
         for running in stopping:
             running.cancel()
         await asyncio.gather(*stopping, return_exceptions=True)
