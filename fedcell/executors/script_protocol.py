@@ -41,7 +41,9 @@ import abc
 import asyncio
 import logging
 import threading
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedcell.engine.dispatcher import Task
@@ -63,6 +65,7 @@ __all__ = [
     "ScriptTask",
     "SiteInfo",
     "bind_thread_session",
+    "format_script_error",
     "thread_session",
 ]
 
@@ -170,6 +173,15 @@ def thread_session() -> ScriptSession | None:
     return session
 
 
+def format_script_error(exc: BaseException, script: Path) -> str:
+    """The traceback of ``exc`` from the script's first frame on (the runner's frames dropped)."""
+    target = str(script)
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != target:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
 class ScriptExchange:
     """Executor-side state of one script run; every method runs on the executor's event loop.
 
@@ -247,6 +259,12 @@ class ScriptExchange:
             )
             return
         entry[1].set_result(result.model)
+
+    def fail_task(self, task_id: str, error: BaseException) -> None:
+        """Fail one awaited task (it could not be delivered to the script)."""
+        entry = self._awaited.get(task_id)
+        if entry is not None and not entry[1].done():
+            entry[1].set_exception(error)
 
     def fail(self, traceback_text: str) -> None:
         """The script raised: fail every awaited task, and every later one, with the traceback."""

@@ -35,7 +35,6 @@ import io
 import logging
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +51,7 @@ from fedcell.executors.script_protocol import (
     ScriptTask,
     SiteInfo,
     bind_thread_session,
+    format_script_error,
 )
 
 __all__ = ["ThreadScriptHost", "ThreadSession"]
@@ -353,10 +353,7 @@ class ThreadScriptHost:
             how = "exited" if exc.code in (None, 0) else f"exited with code {exc.code}"
         except BaseException as exc:
             how = "raised"
-            tb = exc.__traceback__
-            # Drop this frame so the traceback starts in the user's script.
-            text = "".join(traceback.format_exception(type(exc), exc, tb.tb_next if tb else None))
-            session.call_on_loop(self.exchange.fail, text)
+            session.call_on_loop(self.exchange.fail, format_script_error(exc, self._script))
         finally:
             bind_thread_session(None)
             _routing.exit(folder)
