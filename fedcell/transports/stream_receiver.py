@@ -1,0 +1,350 @@
+"""The receiving half of the stream layer: validating an OPEN, sinks, and per-chunk checks.
+
+An :class:`InboundStream` is created from a validated ``OPEN`` (nothing is allocated yet: a stream
+waiting for admission costs only its header) and gets its sink when the endpoint admits it:
+
+- :class:`MessageSink` preallocates every array the codec tree names (``codec.array_specs`` +
+  ``codec.allocate_like``) and scatters each chunk straight into them; a chunk may span arrays.
+  Receiving an S-byte message costs S (plus one chunk of scratch if chunks arrive compressed).
+- :class:`FileSink` writes each chunk with ``pwrite`` into a temporary file next to the
+  destination that the file-sink policy chose; only after the whole-stream digest matches is it
+  renamed into place. On any failure it is closed and deleted.
+
+:meth:`InboundStream.write_chunk` checks, in this order: the chunk is the next one (sequence and
+offset; a gap means a lost chunk), its raw length fits the announced chunk size and total, its
+codec is ``none`` or the announced one, its xxh3_64 matches the wire bytes (before any
+decompression), and the compressed chunk decompresses to exactly its raw length. It then feeds the
+raw bytes, in order, to the whole-stream xxh3_128. :meth:`InboundStream.finish` checks the chunk
+count, total and digest announced by ``END``. Every failure raises a
+:class:`~fedcell.errors.StreamError` or :class:`~fedcell.errors.ProtocolError` naming the stream,
+and the endpoint discards the stream; nothing half-received is ever delivered.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import xxhash
+
+from fedcell.errors import ConfigError, FrameError, StreamError, StreamIntegrityError
+from fedcell.transports import codec, compression
+from fedcell.transports.base import Buffer
+from fedcell.transports.message import Envelope, Message, unpack_envelope
+from fedcell.transports.stream_protocol import Data, End, Open, chunk_hash
+
+__all__ = [
+    "FileOffer",
+    "FileSink",
+    "FileSinkPolicy",
+    "InboundStream",
+    "MessageSink",
+    "ReceivedFile",
+    "directory_sink",
+]
+
+
+@codec.wire_type("fedcell.ReceivedFile")
+@dataclass(frozen=True, slots=True)
+class ReceivedFile:
+    """The payload delivered for a streamed file: where it is now and what it is.
+
+    ``digest`` is the hex xxh3_128 of the file's bytes, verified against the sender's.
+    """
+
+    path: str
+    size: int
+    digest: str
+    name: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class FileOffer:
+    """What a sender proposes: the file sink policy decides where (and whether) it lands."""
+
+    peer: str
+    name: str
+    size: int
+    channel: str
+    meta: dict[str, Any]
+
+
+#: Returns the destination path for an offered file, or raises to refuse it.
+FileSinkPolicy = Callable[[FileOffer], Path]
+
+
+def directory_sink(root: Path) -> FileSinkPolicy:
+    """A policy that stores every offered file in ``root`` under its base name.
+
+    Names that are empty, hidden or carry a directory part are refused, so a peer cannot write
+    outside ``root``.
+    """
+
+    def place(offer: FileOffer) -> Path:
+        base = Path(offer.name).name
+        if not base or base != offer.name or base.startswith("."):
+            raise ConfigError(f"refusing file name {offer.name!r} from {offer.peer}")
+        return root / base
+
+    return place
+
+
+class MessageSink:
+    """Preallocated arrays of one message; chunks are scattered straight into them."""
+
+    def __init__(self, envelope: Envelope, tree: Any, specs: list[codec.ArraySpec]) -> None:
+        self._envelope = envelope
+        self._tree = tree
+        self._arrays = [codec.allocate_like(spec) for spec in specs]
+        self._views = [codec.writable_bytes(array) for array in self._arrays]
+        self._starts: list[int] = []
+        total = 0
+        for view in self._views:
+            self._starts.append(total)
+            total += view.nbytes
+
+    def target(self, offset: int, length: int) -> memoryview | None:
+        """The destination bytes if ``[offset, offset+length)`` lies inside one array."""
+        index = bisect.bisect_right(self._starts, offset) - 1
+        start = offset - self._starts[index]
+        view = self._views[index]
+        if start + length <= view.nbytes:
+            return view[start : start + length]
+        return None
+
+    def write(self, offset: int, pieces: Sequence[Buffer]) -> None:
+        index = bisect.bisect_right(self._starts, offset) - 1
+        for piece in pieces:
+            src = memoryview(piece).cast("B")
+            while src.nbytes:
+                while offset - self._starts[index] >= self._views[index].nbytes:
+                    index += 1
+                start = offset - self._starts[index]
+                take = min(src.nbytes, self._views[index].nbytes - start)
+                self._views[index][start : start + take] = src[:take]
+                src = src[take:]
+                offset += take
+
+    def finish(self, digest: str) -> Message:
+        payload = codec.decode(self._tree, [], arrays=lambda spec: self._arrays[spec.frame])
+        return Message(self._envelope, payload)
+
+    def abort(self) -> None:
+        self._views.clear()
+        self._arrays.clear()
+
+
+class FileSink:
+    """A temporary file next to ``destination``, renamed into place once verified."""
+
+    def __init__(self, envelope: Envelope, offer: FileOffer, destination: Path) -> None:
+        self._envelope = envelope
+        self._offer = offer
+        self._destination = destination
+        try:
+            self._fd, temp = tempfile.mkstemp(
+                dir=destination.parent, prefix=f".{destination.name}.", suffix=".part"
+            )
+        except OSError as exc:
+            raise StreamError(f"cannot create a temporary file for {destination}: {exc}") from exc
+        self.temp_path = Path(temp)
+
+    def target(self, offset: int, length: int) -> memoryview | None:
+        return None
+
+    def write(self, offset: int, pieces: Sequence[Buffer]) -> None:
+        try:
+            for piece in pieces:
+                view = memoryview(piece).cast("B")
+                while view.nbytes:
+                    written = os.pwrite(self._fd, view, offset)
+                    view = view[written:]
+                    offset += written
+        except OSError as exc:
+            raise StreamError(f"writing {self.temp_path} failed: {exc}") from exc
+
+    def finish(self, digest: str) -> Message:
+        try:
+            size = os.fstat(self._fd).st_size
+            if size != self._offer.size:
+                raise StreamIntegrityError(
+                    f"{self.temp_path} has {size} bytes, expected {self._offer.size}"
+                )
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self.temp_path, self._destination)
+        except OSError as exc:
+            raise StreamError(f"cannot move the received file to {self._destination}: {exc}") from exc
+        received = ReceivedFile(
+            str(self._destination), size, digest, self._offer.name, self._offer.meta
+        )
+        return Message(self._envelope, received)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.temp_path.unlink(missing_ok=True)
+
+
+def _file_layout(raw: bytes, max_tree_bytes: int) -> tuple[str, dict[str, Any]]:
+    try:
+        layout = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:
+        raise FrameError(f"file description does not decode: {exc}") from exc
+    if not isinstance(layout, dict) or type(layout.get("name")) is not str:
+        raise FrameError("file description lacks a name")
+    meta_tree = layout.get("meta")
+    if type(meta_tree) is not bytes:
+        raise FrameError("file description lacks its meta tree")
+    meta = codec.decode(codec.unpack_tree(meta_tree, max_tree_bytes), [])
+    if not isinstance(meta, dict):
+        raise FrameError("file meta is not a map")
+    return layout["name"], meta
+
+
+class InboundStream:
+    """One stream from one peer: validated layout, admission state, sink, progress, digest."""
+
+    def __init__(
+        self,
+        peer: str,
+        header: Open,
+        *,
+        max_chunk_size: int,
+        max_tree_bytes: int,
+        file_sink: FileSinkPolicy | None,
+    ) -> None:
+        """Validate ``header`` (nothing is allocated until :meth:`grant`).
+
+        Raises
+        ------
+        FrameError, OversizedError
+            If the header's layout is malformed or inconsistent.
+        ConfigError
+            If the codec is unknown or the file sink refuses the file.
+        """
+        if not 0 < header.chunk <= max_chunk_size:
+            raise FrameError(f"chunk size {header.chunk} outside (0, {max_chunk_size}]")
+        if header.window < header.chunk:
+            raise FrameError(f"window {header.window} is smaller than a chunk ({header.chunk})")
+        compression.get_codec(header.codec)
+        self.peer = peer
+        self.sid = header.sid
+        self.kind = header.kind
+        self.size = header.size
+        self.chunk = header.chunk
+        self.codec = header.codec
+        self._envelope = unpack_envelope(header.envelope)
+        self._make_sink: Callable[[], MessageSink | FileSink]
+        if header.kind == "message":
+            tree = codec.unpack_tree(header.layout, max_tree_bytes)
+            specs = codec.array_specs(tree)
+            total = sum(spec.nbytes for spec in specs)
+            if total != header.size:
+                raise FrameError(f"payload arrays hold {total} bytes; the stream announces {header.size}")
+            self.cost = header.size
+            self._make_sink = lambda: MessageSink(self._envelope, tree, specs)
+        else:
+            if file_sink is None:
+                raise ConfigError("this endpoint accepts no files (no file sink policy)")
+            name, meta = _file_layout(header.layout, max_tree_bytes)
+            offer = FileOffer(peer, name, header.size, self._envelope.channel, meta)
+            destination = file_sink(offer)
+            # A file costs about one window of memory whatever its size.
+            self.cost = min(header.size, header.window)
+            self._make_sink = lambda: FileSink(self._envelope, offer, destination)
+        self.sink: MessageSink | FileSink | None = None
+        self.received = 0
+        self.next_seq = 0
+        self.last_progress = time.monotonic()
+        self.ack_posted = False
+        self.closed = False
+        self._digest = xxhash.xxh3_128()
+        self._scratch: memoryview | None = None
+
+    @property
+    def granted(self) -> bool:
+        return self.sink is not None
+
+    def grant(self) -> None:
+        """Allocate the sink (arrays or temporary file)."""
+        self.sink = self._make_sink()
+        self.last_progress = time.monotonic()
+
+    def write_chunk(self, data: Data, frames: Sequence[Buffer]) -> None:
+        """Verify one chunk and write it in place (see the module docstring for the checks)."""
+        if self.sink is None:
+            raise FrameError(f"stream {self.sid} from {self.peer}: data before the grant")
+        if data.seq != self.next_seq or data.offset != self.received:
+            raise StreamIntegrityError(
+                f"stream {self.sid} from {self.peer}: got chunk {data.seq} at byte {data.offset}, "
+                f"expected chunk {self.next_seq} at byte {self.received} (a chunk was lost)"
+            )
+        if not 0 < data.raw <= self.chunk or self.received + data.raw > self.size:
+            raise FrameError(
+                f"stream {self.sid} from {self.peer}: chunk {data.seq} of {data.raw} bytes does not "
+                f"fit chunk size {self.chunk} / total {self.size}"
+            )
+        if data.codec not in (compression.NONE, self.codec):
+            raise FrameError(
+                f"stream {self.sid} from {self.peer}: chunk codec {data.codec!r} was not announced"
+            )
+        if chunk_hash(frames) != data.hash:
+            raise StreamIntegrityError(
+                f"stream {self.sid} from {self.peer}: chunk {data.seq} fails its checksum"
+            )
+        if data.codec == compression.NONE:
+            wire = sum(memoryview(f).nbytes for f in frames)
+            if wire != data.raw:
+                raise StreamIntegrityError(
+                    f"stream {self.sid} from {self.peer}: chunk {data.seq} has {wire} bytes, "
+                    f"announced {data.raw}"
+                )
+            self.sink.write(data.offset, frames)
+            for frame in frames:
+                self._digest.update(frame)
+        else:
+            packed = frames[0] if len(frames) == 1 else b"".join(frames)
+            target = self.sink.target(data.offset, data.raw)
+            if target is None:
+                if self._scratch is None or self._scratch.nbytes < data.raw:
+                    self._scratch = memoryview(bytearray(self.chunk))
+                target = self._scratch[: data.raw]
+                compression.get_codec(data.codec).decompress_into(packed, target)
+                self.sink.write(data.offset, [target])
+            else:
+                compression.get_codec(data.codec).decompress_into(packed, target)
+            self._digest.update(target)
+        self.received += data.raw
+        self.next_seq += 1
+        self.last_progress = time.monotonic()
+
+    def finish(self, end: End) -> Message:
+        """Verify ``END`` against what arrived and build the message to deliver."""
+        if self.sink is None:
+            raise FrameError(f"stream {self.sid} from {self.peer}: END before the grant")
+        if end.chunks != self.next_seq or end.size != self.size or self.received != self.size:
+            raise StreamIntegrityError(
+                f"stream {self.sid} from {self.peer} is truncated: {self.received} of {self.size} "
+                f"bytes in {self.next_seq} chunks; the sender sent {end.chunks} chunks"
+            )
+        if end.digest != self._digest.digest():
+            raise StreamIntegrityError(
+                f"stream {self.sid} from {self.peer}: whole-stream checksum mismatch"
+            )
+        self.closed = True
+        return self.sink.finish(self._digest.hexdigest())
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.sink is not None:
+            self.sink.abort()

@@ -1,0 +1,357 @@
+"""The sending half of the stream layer: chunk sources, the chunk encoder, the per-peer window.
+
+A stream's bytes come from a :class:`ChunkSource`: the raw buffers of an encoded message
+(:class:`PayloadSource`, zero-copy ``memoryview`` slices of the arrays; a chunk that spans arrays
+is several slices, never concatenated) or a file (:class:`FileSource`, one fresh buffer per chunk
+filled with ``preadv``, so memory is bounded by the window whatever the file size).
+
+The :class:`ChunkEncoder` turns chunk ``seq`` into an :class:`EncodedChunk` exactly once: it
+compresses (when the stream's codec is not ``none`` and the chunk shrinks by at least
+:data:`MIN_SHRINK`), hashes the wire bytes (xxh3_64) and feeds the raw bytes, in order, to the
+whole-stream digest (xxh3_128). A broadcast hands the same :class:`EncodedChunk` to every peer.
+
+Each peer has its own :class:`OutboundStream`: a window of ``window`` raw bytes. ``send_chunk``
+waits until ``sent - acked + chunk.raw <= window`` before sending, so the bytes in flight never
+exceed the window (:attr:`OutboundStream.peak_in_flight` records the maximum). Every control frame
+from the receiver (``QUEUED``, ``GRANT``, ``ACK``, ``DONE``) counts as progress; the endpoint's
+watchdog fails a stream that makes none for ``stall_timeout``. Acks also feed the link throughput
+estimate (wire bytes acked per second) that the codec choice uses for the next stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import xxhash
+
+from fedcell.errors import StreamError
+from fedcell.transports import compression
+from fedcell.transports.base import Buffer
+from fedcell.transports.stream_protocol import chunk_hash
+
+__all__ = [
+    "MIN_SHRINK",
+    "ChunkEncoder",
+    "ChunkSource",
+    "ChunkTape",
+    "EncodedChunk",
+    "FileSource",
+    "OutboundStream",
+    "PayloadSource",
+]
+
+#: A compressed chunk is sent compressed only if it is at most this fraction of its raw size.
+MIN_SHRINK = 0.95
+_SAMPLE_SLICES = 4
+
+
+class ChunkSource(Protocol):
+    """Where a stream's raw bytes come from."""
+
+    @property
+    def size(self) -> int:
+        """Total raw bytes."""
+
+    def read(self, offset: int, length: int) -> list[Buffer]:
+        """The raw bytes ``[offset, offset + length)`` as one or more buffers."""
+
+    def typesize_at(self, offset: int) -> int:
+        """Itemsize of the data at ``offset`` (the shuffle unit for compression)."""
+
+    def samples(self, nbytes: int) -> list[tuple[Buffer, int]]:
+        """About ``nbytes`` spread over the source, as ``(bytes, typesize)`` slices."""
+
+
+def _sample_offsets(size: int, nbytes: int) -> list[tuple[int, int]]:
+    if size == 0 or nbytes <= 0:
+        return []
+    piece = max(1, min(size, nbytes) // _SAMPLE_SLICES)
+    starts = {(size - piece) * i // max(1, _SAMPLE_SLICES - 1) for i in range(_SAMPLE_SLICES)}
+    return [(start, piece) for start in sorted(starts)]
+
+
+class PayloadSource:
+    """The raw buffers of an encoded message, read as zero-copy slices."""
+
+    def __init__(self, buffers: list[Buffer], itemsizes: list[int]) -> None:
+        self._views = [memoryview(b).cast("B") for b in buffers]
+        self._itemsizes = itemsizes
+        self._starts: list[int] = []
+        total = 0
+        for view in self._views:
+            self._starts.append(total)
+            total += view.nbytes
+        self._size = total
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _index(self, offset: int) -> int:
+        return bisect.bisect_right(self._starts, offset) - 1
+
+    def read(self, offset: int, length: int) -> list[Buffer]:
+        pieces: list[Buffer] = []
+        index = self._index(offset)
+        while length > 0:
+            view = self._views[index]
+            start = offset - self._starts[index]
+            take = min(length, view.nbytes - start)
+            if take > 0:
+                pieces.append(view[start : start + take])
+                offset += take
+                length -= take
+            index += 1
+        return pieces
+
+    def typesize_at(self, offset: int) -> int:
+        return self._itemsizes[self._index(offset)] if self._views else 1
+
+    def samples(self, nbytes: int) -> list[tuple[Buffer, int]]:
+        out: list[tuple[Buffer, int]] = []
+        for start, length in _sample_offsets(self._size, nbytes):
+            pieces = self.read(start, length)
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            out.append((data, self.typesize_at(start)))
+        return out
+
+
+class FileSource:
+    """A file read chunk by chunk into fresh buffers (memory bounded by the window)."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self._size = os.fstat(self._fd).st_size
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.path = path
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, length: int) -> list[Buffer]:
+        # A fresh buffer per chunk: the transport may still hold the previous one when send
+        # returns (in-process queues pass frames by reference).
+        buf = bytearray(length)
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise StreamError(f"{self.path} shrank to {offset + done} bytes while streaming")
+            done += n
+        return [buf]
+
+    def typesize_at(self, offset: int) -> int:
+        return 1
+
+    def samples(self, nbytes: int) -> list[tuple[Buffer, int]]:
+        return [
+            (self.read(start, length)[0], 1) for start, length in _sample_offsets(self._size, nbytes)
+        ]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedChunk:
+    """One chunk ready to send: its wire frames, codec and checksum."""
+
+    seq: int
+    offset: int
+    raw: int
+    codec: str
+    frames: list[Buffer]
+    hash: int
+    wire_nbytes: int
+
+
+class ChunkEncoder:
+    """Encodes a source's chunks in order, once each, and computes the whole-stream digest."""
+
+    def __init__(self, source: ChunkSource, chunk_size: int, codec_name: str) -> None:
+        self.source = source
+        self.chunk_size = chunk_size
+        self.codec_name = codec_name
+        self._codec = compression.get_codec(codec_name)
+        self._digest = xxhash.xxh3_128()
+        self._next_seq = 0
+        self.chunks = (source.size + chunk_size - 1) // chunk_size
+        self.compressed_chunks = 0
+
+    def encode(self, seq: int) -> EncodedChunk:
+        """Chunk ``seq`` (must be called for 0, 1, 2, ... in order)."""
+        if seq != self._next_seq:
+            raise RuntimeError(f"chunks must be encoded in order: got {seq}, want {self._next_seq}")
+        self._next_seq += 1
+        offset = seq * self.chunk_size
+        raw = min(self.chunk_size, self.source.size - offset)
+        pieces = self.source.read(offset, raw)
+        for piece in pieces:
+            self._digest.update(piece)
+        frames, codec_name = pieces, compression.NONE
+        if self.codec_name != compression.NONE:
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            packed = self._codec.compress(data, self.source.typesize_at(offset))
+            if memoryview(packed).nbytes <= raw * MIN_SHRINK:
+                frames, codec_name = [packed], self.codec_name
+                self.compressed_chunks += 1
+        wire = sum(memoryview(f).nbytes for f in frames)
+        return EncodedChunk(seq, offset, raw, codec_name, frames, chunk_hash(frames), wire)
+
+    def digest(self) -> bytes:
+        """xxh3_128 of every raw byte encoded so far."""
+        return self._digest.digest()
+
+
+class ChunkTape:
+    """The encoded chunks of one stream, shared by its peers.
+
+    Each chunk is encoded the first time any peer needs it and kept until every live peer has
+    sent it, so peers move independently (a stuck peer does not hold the others back) and no
+    chunk is encoded twice. Uncompressed chunks are views of the payload and cost nothing to
+    keep; compressed ones cost at most the compressed bytes between the slowest and the fastest
+    live peer.
+    """
+
+    def __init__(self, encoder: ChunkEncoder, peers: Iterable[str]) -> None:
+        self.encoder = encoder
+        self._chunks: dict[int, EncodedChunk] = {}
+        self._encoded = 0
+        self._trimmed = 0
+        self._positions = dict.fromkeys(peers, 0)
+
+    @property
+    def encoded(self) -> int:
+        """How many chunks were encoded."""
+        return self._encoded
+
+    def get(self, seq: int) -> EncodedChunk:
+        while self._encoded <= seq:
+            self._chunks[self._encoded] = self.encoder.encode(self._encoded)
+            self._encoded += 1
+        return self._chunks[seq]
+
+    def advance(self, peer: str, seq: int) -> None:
+        """``peer`` has sent chunk ``seq``."""
+        self._positions[peer] = seq + 1
+        self._trim()
+
+    def leave(self, peer: str) -> None:
+        """``peer`` needs no more chunks (finished or failed)."""
+        self._positions.pop(peer, None)
+        self._trim()
+
+    def _trim(self) -> None:
+        low = min(self._positions.values(), default=self._encoded)
+        while self._trimmed < low:
+            self._chunks.pop(self._trimmed, None)
+            self._trimmed += 1
+
+
+SendFrames = Callable[[list[Buffer]], Awaitable[None]]
+
+
+class OutboundStream:
+    """One stream to one peer: grant, window, acks, completion, failure."""
+
+    def __init__(self, peer: str, sid: int, size: int, window: int, send: SendFrames) -> None:
+        self.peer = peer
+        self.sid = sid
+        self.size = size
+        self.window = window
+        self.send = send
+        self.granted = False
+        self.ended = False
+        self.done = False
+        self.failure: BaseException | None = None
+        #: The peer knows the stream failed (it cancelled, or a CANCEL is posted): send none.
+        self.peer_notified = False
+        self.sent = 0
+        self.acked = 0
+        self.peak_in_flight = 0
+        self.last_progress = time.monotonic()
+        self._wake = asyncio.Event()
+        self._marks: deque[tuple[int, int]] = deque()  # (raw end, cumulative wire bytes)
+        self._wire_sent = 0
+        self._wire_acked = 0
+        self._first_send: float | None = None
+        self._last_ack: float | None = None
+
+    # -- events from the receiver (called by the endpoint's handle, never block) --------------
+
+    def _progress(self) -> None:
+        self.last_progress = time.monotonic()
+        self._wake.set()
+
+    def on_queued(self) -> None:
+        self._progress()
+
+    def on_grant(self) -> None:
+        self.granted = True
+        self._progress()
+
+    def on_ack(self, upto: int) -> None:
+        if upto > self.sent or upto < self.acked:
+            raise StreamError(f"ack up to byte {upto} outside the sent range [{self.acked}, {self.sent}]")
+        self.acked = upto
+        while self._marks and self._marks[0][0] <= upto:
+            self._wire_acked = self._marks.popleft()[1]
+        self._last_ack = time.monotonic()
+        self._progress()
+
+    def on_done(self) -> None:
+        # DONE confirms every byte: it counts as the final ack.
+        if self.sent == self.size:
+            self.on_ack(self.sent)
+        self.done = True
+        self._progress()
+
+    def fail(self, exc: BaseException, *, remote: bool) -> None:
+        if self.failure is None and not self.done:
+            self.failure = exc
+            self.peer_notified = remote
+        self._wake.set()
+
+    # -- the sending task -------------------------------------------------------------------
+
+    async def wait_until(self, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()``; raise the stream's failure (the watchdog sets stalls)."""
+        while True:
+            if self.failure is not None:
+                raise self.failure
+            if ready():
+                return
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def send_chunk(self, header: bytes, chunk: EncodedChunk) -> None:
+        await self.wait_until(lambda: self.sent - self.acked + chunk.raw <= self.window)
+        if self._first_send is None:
+            self._first_send = time.monotonic()
+        await self.send([header, *chunk.frames])
+        self.sent += chunk.raw
+        self._wire_sent += chunk.wire_nbytes
+        self._marks.append((self.sent, self._wire_sent))
+        self.peak_in_flight = max(self.peak_in_flight, self.sent - self.acked)
+
+    def throughput(self) -> float | None:
+        """Wire bytes per second acked over this stream, or ``None`` if too little to judge."""
+        if self._first_send is None or self._last_ack is None or len(self._marks) > 0:
+            return None
+        elapsed = self._last_ack - self._first_send
+        if elapsed <= 0.001 or self._wire_acked < 1024 * 1024:
+            return None
+        return self._wire_acked / elapsed
