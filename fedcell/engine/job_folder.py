@@ -129,15 +129,16 @@ def export_job(job: Job, directory: str | Path, *, format: ConfigFormat = "json"
             entry["sites"] = list(binding.sites)
         tree["executors"].append(entry)
 
-    copies = _custom_code_sources(writer.modules)
+    modules = _custom_code_sources(writer.modules)
+    copies = dict(modules)
     for path in job.files:
-        if path.name in copies:
+        if copies.get(path.name, path) != path:
             raise ConfigError(
                 f"job {job.name!r}: added file {path} and {copies[path.name]} would both be "
                 f"{CUSTOM_DIR}/{path.name}"
             )
         copies[path.name] = path
-    tree["custom_code"] = sorted(name for name in copies if copies[name] not in job.files)
+    tree["custom_code"] = sorted(modules)
     tree["files"] = [path.name for path in job.files]
 
     target.mkdir(parents=True, exist_ok=True)

@@ -452,3 +452,31 @@ def test_missing_custom_code_is_reported_before_anything_is_imported(
     (folder / "custom" / f"{user_code.__name__}.py").unlink()
     with pytest.raises(ConfigError, match=f"custom/{user_code.__name__}.py is missing"):
         Job.load(folder)
+
+
+def test_adding_the_custom_module_as_a_file_ships_it_once(user_code: Any, tmp_path: Path) -> None:
+    # Prepare
+    job = Job("both")
+    job.add(user_code.Tuned(rounds=5), name="n")
+    job.add_file(user_code.__file__)
+
+    # Execute
+    job.export(tmp_path / "job")
+    forget(user_code, tmp_path)
+    loaded = Job.load(tmp_path / "job")
+
+    # Assert
+    config = json.loads((tmp_path / "job" / "job.json").read_text())
+    assert config["custom_code"] == config["files"] == [f"{user_code.__name__}.py"]
+    assert loaded.nodes["n"].controller.rounds == 5  # type: ignore[attr-defined]
+
+
+def test_an_added_file_may_not_shadow_a_custom_module(user_code: Any, tmp_path: Path) -> None:
+    impostor = tmp_path / "other" / f"{user_code.__name__}.py"
+    impostor.parent.mkdir()
+    impostor.write_text("")
+    job = Job("clash")
+    job.add(user_code.Tuned(), name="n")
+    job.add_file(impostor)
+    with pytest.raises(ConfigError, match=f"would both be custom/{user_code.__name__}.py"):
+        job.export(tmp_path / "job")
