@@ -109,6 +109,7 @@ from fedcell.transports.stream_protocol import (
     StreamKind,
     pack_header,
     parse_header,
+    peek_header,
 )
 from fedcell.transports.stream_receiver import (
     FileOffer,
@@ -407,7 +408,7 @@ class StreamEndpoint:
         try:
             header = parse_header(frames[0], self.config.max_header_bytes)
         except FedcellError as exc:
-            self._reject(peer, f"unreadable stream header: {exc}")
+            self._on_unreadable(peer, frames[0], exc)
             return
         if isinstance(header, (Open, Data, End)) or (
             isinstance(header, Cancel) and header.side == "sender"
@@ -721,6 +722,28 @@ class StreamEndpoint:
         except StreamError as exc:
             self._stats.rejected_frames += 1
             out.fail(exc, remote=False)
+
+    def _on_unreadable(self, peer: str, frame: Buffer, exc: FedcellError) -> None:
+        """Reject a header that does not parse; fail the stream it names, if it names one."""
+        ident = peek_header(frame)
+        reason = f"unreadable stream header from {peer}: {exc}"
+        self._reject(peer, reason)
+        if ident is None:
+            return
+        kind, sid = ident
+        error = StreamError(reason)
+        error.__cause__ = exc
+        if kind in ("open", "data", "end"):
+            inbound = self._inbound.get((peer, sid))
+            if inbound is not None:
+                self._fail_inbound(inbound, error, notify=True)
+            elif kind == "open":
+                self._post_cancel(peer, sid, "receiver", error)
+                self._report(peer, sid, error)
+        else:
+            outbound = self._outbound.get((peer, sid))
+            if outbound is not None:
+                outbound.fail(error, remote=False)
 
     def _reject(self, peer: str, reason: str) -> None:
         self._stats.rejected_frames += 1

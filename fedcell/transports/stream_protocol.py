@@ -55,6 +55,7 @@ __all__ = [
     "chunk_hash",
     "pack_header",
     "parse_header",
+    "peek_header",
 ]
 
 PROTOCOL_VERSION = 1
@@ -217,6 +218,28 @@ def parse_header(frame: Buffer, max_header_bytes: int) -> ControlHeader:
     if kind == "done":
         return Done(sid)
     raise FrameError(f"unknown stream header type {kind!r}")
+
+
+def peek_header(frame: Buffer) -> tuple[str, int] | None:
+    """``(type, stream id)`` of a header that :func:`parse_header` refused, if they can be read.
+
+    :func:`pack_header` writes ``v``, ``t`` and ``sid`` first, so they are in the first bytes even
+    of an oversized header; this lets the receiver fail the stream a bad header names (and tell
+    its sender why) instead of leaving it to stall.
+    """
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=256)
+    try:
+        unpacker.feed(memoryview(frame)[:128])
+        fields = {}
+        for _ in range(min(3, unpacker.read_map_header())):
+            key = unpacker.unpack()
+            fields[key] = unpacker.unpack()
+    except Exception:
+        return None
+    kind, sid = fields.get("t"), fields.get("sid")
+    if type(kind) is str and type(sid) is int and 0 <= sid <= _MAX_U64:
+        return kind, sid
+    return None
 
 
 def chunk_hash(frames: Sequence[Buffer]) -> int:
