@@ -324,6 +324,11 @@ class StreamEndpoint:
     # ------------------------------------------------------------------------------------------
     # public API
 
+    @property
+    def threshold(self) -> int:
+        """Payloads whose buffers exceed this many bytes should be streamed (the cell asks)."""
+        return self.config.threshold
+
     async def send_message(self, peer: str, message: Message) -> None:
         """Stream ``message`` to ``peer``; return once the receiver verified the whole stream.
 
