@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from fedcell.engine.progress import ProgressEvent
 from fedcell.errors import ConfigError, FedcellError, ProtocolError, TooFewResultsError
 from fedcell.transports.codec import wire_type
 
@@ -384,6 +385,12 @@ class ControllerContext:
     inputs: Mapping[str, Any] = field(default_factory=dict)
     workspace: Path | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("fedcell.controller"))
+    progress: Callable[[ProgressEvent], None] | None = None
+
+    def report(self, step: int, total: int | None = None, metrics: Mapping[str, Any] | None = None) -> None:
+        """Tell the live display (if any) that this node completed ``step`` of ``total``."""
+        if self.progress is not None:
+            self.progress(ProgressEvent(self.node, step, total, dict(metrics or {})))
 
 
 class Controller(abc.ABC):

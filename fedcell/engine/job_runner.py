@@ -38,13 +38,14 @@ import logging
 import time
 import types
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedcell.engine.dispatcher import Controller, ControllerContext, Dispatcher
 from fedcell.engine.job import Job
+from fedcell.engine.progress import ProgressEvent
 from fedcell.engine.scheduler import (
     AbortRequested,
     CancelNode,
@@ -186,6 +187,8 @@ class JobRunner:
         A folder under which each node gets ``<workspace>/<node>`` (created on start).
     logger:
         Default: ``fedcell.job.<job_id>``; each node logs to a child named after it.
+    progress:
+        Receives the :class:`~fedcell.engine.progress.ProgressEvent` s controllers report.
     """
 
     def __init__(
@@ -196,8 +199,10 @@ class JobRunner:
         job_id: str | None = None,
         workspace: str | Path | None = None,
         logger: logging.Logger | None = None,
+        progress: Callable[[ProgressEvent], None] | None = None,
     ) -> None:
         self.job = job
+        self._progress = progress
         self.dispatcher = dispatcher
         self.job_id = job_id or f"{job.name}-{uuid.uuid4().hex[:8]}"
         self._workspace = None if workspace is None else Path(workspace)
@@ -287,6 +292,7 @@ class JobRunner:
             inputs=types.MappingProxyType(dict(command.inputs)),
             workspace=workspace,
             logger=self._logger.getChild(command.node),
+            progress=self._progress,
         )
         self._logger.info("starting node %s", command.node)
         self._tasks[command.node] = asyncio.create_task(
