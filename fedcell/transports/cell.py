@@ -116,7 +116,6 @@ from fedcell.errors import (
     TransportClosedError,
     TransportError,
     UnreachableError,
-    WouldBlockError,
 )
 from fedcell.transports import codec
 from fedcell.transports.base import Buffer, Connection, ConnectionState, Listener, TransportOptions
@@ -1156,7 +1155,7 @@ class Cell:
     def _send_control_nowait(self, link: _Link, topic: str, payload: Any = None) -> None:
         try:
             link.conn.send_nowait(self._control_frames(link, topic, payload))
-        except (WouldBlockError, TransportClosedError) as exc:
+        except TransportError as exc:  # full queue, closed, or the peer vanished
             log.debug("%s: %s to %s not sent: %s", self._name, topic, link.describe(), exc)
             return
         self._counters.sent += 1

@@ -1,16 +1,20 @@
-"""A server cell in its own process, for the multi-process cell tests.
+"""A cell in its own process, for the multi-process cell tests and the cell benchmark.
 
-Usage: ``python cell_server_proc.py URL [HEARTBEAT_INTERVAL PEER_TIMEOUT]``. Prints the URL it
-listens on (one line) once ready, answers ``echo`` requests with the payload and its process id,
-and serves until SIGTERM (clean stop) or SIGKILL (the crash the tests simulate).
+Usage::
+
+    python cell_proc.py NAME [--listen URL] [--parent URL] [--heartbeat S] [--peer-timeout S]
+
+Prints one line once started (the URL it listens on, or its name) and answers ``echo`` requests
+with ``{"payload", "pid", "route"}``. Serves until SIGTERM (a clean stop) or SIGKILL (the crash
+the tests simulate).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
-import sys
 from typing import Any
 
 from fedcell.transports.cell import Cell, CellConfig
@@ -21,15 +25,21 @@ async def echo(message: Message) -> Any:
     return {"payload": message.payload, "pid": os.getpid(), "route": list(message.envelope.route)}
 
 
-async def serve(url: str, config: CellConfig) -> None:
-    async with Cell("server", listen=url, config=config) as cell:
+async def serve(args: argparse.Namespace) -> None:
+    config = CellConfig(heartbeat_interval=args.heartbeat, peer_timeout=args.peer_timeout)
+    async with Cell(args.name, listen=args.listen, parent=args.parent, config=config) as cell:
         cell.register("echo", echo)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        print(cell.url, flush=True)
+        print(cell.url if args.listen else cell.name, flush=True)
         await stop.wait()
 
 
 if __name__ == "__main__":
-    interval, timeout = (float(v) for v in sys.argv[2:4]) if len(sys.argv) > 3 else (1.0, 5.0)
-    asyncio.run(serve(sys.argv[1], CellConfig(heartbeat_interval=interval, peer_timeout=timeout)))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("name")
+    parser.add_argument("--listen")
+    parser.add_argument("--parent")
+    parser.add_argument("--heartbeat", type=float, default=1.0)
+    parser.add_argument("--peer-timeout", type=float, default=5.0)
+    asyncio.run(serve(parser.parse_args()))

@@ -44,7 +44,7 @@ def test_unknown_goes_up_to_the_parent() -> None:
 
 
 def test_own_unconnected_descendant_is_unreachable_not_sent_up() -> None:
-    with pytest.raises(UnreachableError, match="'site-1.job-9' is not connected to 'site-1'"):
+    with pytest.raises(UnreachableError, match=r"'site-1\.job-9' is not connected to 'site-1'"):
         next_hop("site-1", "site-1.job-9", {"server"}, "server")
 
 
