@@ -140,7 +140,7 @@ class Job:
         if name is None:
             name = self._free_name(type(controller).__name__.lower())
         _check_name(name, "node name")
-        if name in self.nodes:
+        if "node" in self._graph.nodes.get(name, {}):
             raise ConfigError(f"job {self.name!r}: node name {name!r} is used twice")
         if isinstance(after, str):
             raise ConfigError(

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcell.engine.dispatcher import Controller, ControllerContext, Dispatcher
-from fedcell.engine.job import Job
+from fedcell.engine.job import Job, JobNode
 from fedcell.engine.progress import ProgressEvent
 from fedcell.engine.scheduler import (
     AbortRequested,
@@ -212,6 +212,9 @@ class JobRunner:
         self._cancelled: set[str] = set()
         self._exceptions: dict[str, BaseException] = {}
         self._scheduler: Scheduler | None = None
+        self._nodes: Mapping[
+            str, JobNode
+        ] = {}  # job.nodes as of run(); Job.nodes is built per call
         self._started = False
 
     @property
@@ -247,6 +250,7 @@ class JobRunner:
         self._started = True
         sites = tuple(self.dispatcher.sites)
         self.job.validate(sites)
+        self._nodes = self.job.nodes
         scheduler = Scheduler(self.job.node_specs(), min_sites=self.job.min_sites)
         self._scheduler = scheduler
         self._logger.info("job %s starting on sites %s", self.job_id, list(sites))
@@ -280,7 +284,7 @@ class JobRunner:
         return done
 
     def _start(self, command: StartNode) -> None:
-        node = self.job.nodes[command.node]
+        node = self._nodes[command.node]
         workspace = None
         if self._workspace is not None:
             workspace = self._workspace / command.node

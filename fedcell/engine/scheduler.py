@@ -268,9 +268,13 @@ class Scheduler:
                 self._downstream[upstream].append(spec.name)
             self._nodes[spec.name] = NodeRecord(spec.name, tuple(spec.upstream), spec.timeout)
             self._downstream[spec.name] = []
+        self._order = {name: index for index, name in enumerate(self._nodes)}
         self._min_sites = min_sites
         self._job = _JobRecord()
         self._outputs: dict[str, Any] = {}
+        # Derived from the records, kept so each event costs O(nodes it touches), not O(job):
+        self._running: dict[str, None] = {}
+        self._unsettled = len(self._nodes)
 
     # ------------------------------------------------------------------ read-only views
 
@@ -309,10 +313,8 @@ class Scheduler:
         """The earliest time a running node hits its time limit, or ``None``."""
         deadlines = [
             record.started_at + record.timeout
-            for record in self._nodes.values()
-            if record.state is NodeState.RUNNING
-            and record.timeout is not None
-            and record.started_at is not None
+            for record in map(self._nodes.__getitem__, self._running)
+            if record.timeout is not None and record.started_at is not None
         ]
         return min(deadlines, default=None)
 
@@ -362,16 +364,17 @@ class Scheduler:
                 NodeState.SKIPPED,
                 event.now,
             )
-        return self._start_ready(event.now) + self._finish_if_idle(event.now)
+        roots = [name for name, record in self._nodes.items() if not record.upstream]
+        return self._start_ready(roots, event.now) + self._finish_if_idle(event.now)
 
     def _on_node_finished(self, event: NodeFinished) -> list[Command]:
         record = self._nodes[event.node]
         if record.state is not NodeState.RUNNING:
             return []
-        record.state = NodeState.FINISHED
-        record.finished_at = event.now
+        self._transition(record, NodeState.FINISHED, event.now)
         self._outputs[event.node] = event.output
-        return self._start_ready(event.now) + self._finish_if_idle(event.now)
+        dependents = sorted(self._downstream[event.node], key=self._order.__getitem__)
+        return self._start_ready(dependents, event.now) + self._finish_if_idle(event.now)
 
     def _on_node_failed(self, event: NodeFailed) -> list[Command]:
         if event.kind not in ("failed", "crashed", "aborted"):
@@ -396,10 +399,9 @@ class Scheduler:
 
     def _on_tick(self, event: Tick) -> list[Command]:
         commands: list[Command] = []
-        for record in self._nodes.values():
+        for record in [self._nodes[name] for name in self._running]:
             if (
-                record.state is NodeState.RUNNING
-                and record.timeout is not None
+                record.timeout is not None
                 and record.started_at is not None
                 and event.now >= record.started_at + record.timeout
             ):
@@ -412,15 +414,27 @@ class Scheduler:
 
     def _settle(self, record: NodeRecord, state: NodeState, error: str, now: float) -> None:
         """Move a running node to a failure state and skip its transitive dependents."""
-        record.state = state
-        record.error = error
-        record.finished_at = now
+        self._transition(record, state, now, error)
         for name in self._descendants(record.name):
             dependent = self._nodes[name]
             if dependent.state is NodeState.PENDING:
-                dependent.state = NodeState.SKIPPED
-                dependent.error = f"upstream node {record.name!r} {state.value}"
-                dependent.finished_at = now
+                reason = f"upstream node {record.name!r} {state.value}"
+                self._transition(dependent, NodeState.SKIPPED, now, reason)
+
+    def _transition(
+        self, record: NodeRecord, state: NodeState, now: float, error: str | None = None
+    ) -> None:
+        """The one place a node changes state (pending → running → terminal, or pending →
+        terminal), keeping the derived running set and unsettled count in step."""
+        record.state = state
+        if state is NodeState.RUNNING:
+            record.started_at = now
+            self._running[record.name] = None
+            return
+        record.finished_at = now
+        record.error = error
+        self._running.pop(record.name, None)
+        self._unsettled -= 1
 
     def _descendants(self, name: str) -> list[str]:
         seen: dict[str, None] = {}
@@ -432,14 +446,14 @@ class Scheduler:
                 stack.extend(self._downstream[current])
         return list(seen)
 
-    def _start_ready(self, now: float) -> list[Command]:
+    def _start_ready(self, candidates: list[str], now: float) -> list[Command]:
+        """Start those of ``candidates`` (in topological order) whose upstream all finished."""
         commands: list[Command] = []
-        for record in self._nodes.values():
+        for record in map(self._nodes.__getitem__, candidates):
             if record.state is NodeState.PENDING and all(
                 self._nodes[up].state is NodeState.FINISHED for up in record.upstream
             ):
-                record.state = NodeState.RUNNING
-                record.started_at = now
+                self._transition(record, NodeState.RUNNING, now)
                 inputs = {up: self._outputs[up] for up in record.upstream}
                 commands.append(StartNode(record.name, inputs))
         return commands
@@ -453,21 +467,17 @@ class Scheduler:
         commands: list[Command] = []
         for record in self._nodes.values():
             if record.state is NodeState.RUNNING:
-                record.state = running_becomes
-                record.error = reason
-                record.finished_at = now
+                self._transition(record, running_becomes, now, reason)
                 commands.append(CancelNode(record.name, reason))
             elif record.state is NodeState.PENDING:
-                record.state = pending_becomes
-                record.error = reason
-                record.finished_at = now
+                self._transition(record, pending_becomes, now, reason)
         return commands + self._finish_if_idle(now)
 
     def _is_done(self) -> bool:
         return self._job.state not in (JobState.PENDING, JobState.RUNNING)
 
     def _finish_if_idle(self, now: float) -> list[Command]:
-        if any(record.state not in _TERMINAL_NODE_STATES for record in self._nodes.values()):
+        if self._unsettled:
             return []
         state, reason = self._final_state()
         self._job.state = state
@@ -543,6 +553,12 @@ class Scheduler:
                 record.started_at = node["started_at"]
                 record.finished_at = node["finished_at"]
                 record.error = node["error"]
+            scheduler._running = {
+                name: None for name, r in scheduler._nodes.items() if r.state is NodeState.RUNNING
+            }
+            scheduler._unsettled = sum(
+                r.state not in _TERMINAL_NODE_STATES for r in scheduler._nodes.values()
+            )
             job = snapshot["job"]
             forced_end = job["forced_end"]
             scheduler._job = _JobRecord(
