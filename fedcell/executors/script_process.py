@@ -64,8 +64,10 @@ from fedcell.errors import (
     AuthenticationError,
     CellError,
     ConfigError,
+    EncodeError,
     FedcellError,
     RequestTimeoutError,
+    SiteCrashedError,
 )
 from fedcell.executors.script_protocol import (
     CHANNEL,
@@ -100,6 +102,8 @@ LINK_CONFIG = CellConfig(heartbeat_interval=5.0, peer_timeout=120.0, connect_tim
 #: A result may be a large model; the request's reply waits for all of it to arrive.
 RESULT_TIMEOUT = 3600.0
 CONTROL_TIMEOUT = 60.0
+#: How long a task that could not be delivered waits for the child's exit status.
+LINK_LOSS_GRACE = 10.0
 STDERR_TAIL_LINES = 20
 
 T = TypeVar("T")
@@ -138,6 +142,7 @@ class ProcessScriptHost:
         self._cell: Cell | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._attached = asyncio.Event()
+        self._exited = asyncio.Event()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -279,9 +284,21 @@ class ProcessScriptHost:
                 await self._cell.request(
                     SCRIPT_CELL, CHANNEL, task, topic="task", timeout=RESULT_TIMEOUT
                 )
+            except EncodeError as exc:
+                self.exchange.fail_task(
+                    task.task_id,
+                    ConfigError(f"task {task.name!r} cannot be sent to {self._label}: {exc}"),
+                )
             except FedcellError as exc:
-                # Not delivered: the task fails; a dead child is reported by _watch as crashed.
-                self.exchange.fail_task(task.task_id, exc)
+                # The child is gone or going; its exit, seen by _watch, makes the task crashed
+                # with the exit status. A child that stays alive without a link is lost too.
+                try:
+                    await asyncio.wait_for(self._exited.wait(), LINK_LOSS_GRACE)
+                except TimeoutError:
+                    self.exchange.fail_task(
+                        task.task_id,
+                        SiteCrashedError(f"{self._label} cannot be reached: {exc}"),
+                    )
 
     async def _pump(self, stream: asyncio.StreamReader, level: int) -> None:
         while True:
@@ -309,6 +326,7 @@ class ProcessScriptHost:
         if code != 0 and self._stderr_tail:
             how += " (last output: " + " | ".join(self._stderr_tail) + ")"
         self.exchange.script_ended(how)
+        self._exited.set()
 
     async def stop(self, grace: float) -> None:
         """End the job for the script: ask it to stop, then terminate, then kill. Idempotent."""

@@ -20,9 +20,11 @@ Threads the script starts itself are not routed (their output goes to the proces
 The script talks to its executor through :class:`ThreadSession`, which calls the loop-side
 :class:`~fedcell.executors.script_protocol.ScriptExchange` with ``run_coroutine_threadsafe`` /
 ``call_soon_threadsafe``: the event loop is never blocked by the script, and the script blocks
-only itself. A result handed to ``flare.send`` is copied (tensors and arrays) before it crosses
-to the loop, so a script that keeps training after ``send`` cannot change what was sent — the
-same guarantee process mode gets from serialization, at the cost of one model copy per round.
+only itself. Params are copied (tensors and arrays) where they cross between the two sides: the
+script owns what ``flare.receive()`` returns (it may train on it in place without touching the
+server's model, which other in-process sites may share) and cannot change what ``flare.send``
+sent by training on. That is the guarantee process mode gets from serialization, at the cost of
+two model copies per round.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any, SupportsIndex, TextIO
 import numpy as np
 
 from fedcell.errors import RequestTimeoutError
+from fedcell.fl_model import FLModel
 from fedcell.executors.script_protocol import (
     ScriptExchange,
     ScriptLog,
@@ -73,6 +76,14 @@ def _private_copy(value: Any) -> Any:
     return value
 
 
+def _private_model(model: FLModel) -> FLModel:
+    return replace(
+        model,
+        params=_private_copy(model.params),
+        optimizer_params=_private_copy(model.optimizer_params),
+    )
+
+
 class ThreadSession(ScriptSession):
     """The script's end of the exchange in thread mode (called on the script's thread)."""
 
@@ -94,19 +105,18 @@ class ThreadSession(ScriptSession):
         except RuntimeError:  # the site's loop is closed: the job is over
             return None
         try:
-            return future.result(timeout)
+            task = future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise RequestTimeoutError(f"no task arrived within {timeout} s") from None
         except concurrent.futures.CancelledError:
             return None
+        if task is None:
+            return None
+        return ScriptTask(task.task_id, task.name, _private_model(task.model))
 
     def submit(self, result: ScriptResult) -> None:
-        model = replace(
-            result.model,
-            params=_private_copy(result.model.params),
-            optimizer_params=_private_copy(result.model.optimizer_params),
-        )
+        model = _private_model(result.model)
         self.call_on_loop(self._exchange.submit, ScriptResult(result.task_id, model))
 
     def log(self, record: ScriptLog) -> None:
