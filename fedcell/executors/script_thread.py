@@ -45,7 +45,6 @@ from typing import Any, SupportsIndex, TextIO
 import numpy as np
 
 from fedcell.errors import RequestTimeoutError
-from fedcell.fl_model import FLModel
 from fedcell.executors.script_protocol import (
     ScriptExchange,
     ScriptLog,
@@ -56,6 +55,7 @@ from fedcell.executors.script_protocol import (
     bind_thread_session,
     format_script_error,
 )
+from fedcell.fl_model import FLModel
 
 __all__ = ["ThreadScriptHost", "ThreadSession"]
 
