@@ -22,18 +22,22 @@ Config (shown as YAML; JSON and TOML hold the same tree)::
     custom_code: [my_algos.py]
     files: [train.py]
 
+A job loaded from a folder keeps ``files`` pointing at the copies in its ``custom/``, so it can be
+exported again unchanged.
+
 **Components describe themselves by their constructor arguments.** A controller or executor is
 either a dataclass (its ``init`` fields are its arguments) or a class with a ``config()`` method
 returning the keyword arguments that rebuild it: ``type(obj)(**obj.config())``. The config names
-its class as ``"module:QualName"`` — the *only* place dotted paths appear in fedcell. Argument
+its class as ``"module:QualName"``: job folders are the export format, the one place where the
+engine wires components by dotted path (in Python, jobs are wired with objects). Argument
 values must be config values: ``None``, ``bool``, ``int``, ``float``, ``str``, lists/tuples and
 ``str``-keyed dicts of those, ``pathlib`` paths and enum members (written as their value and
 converted back using the class's type annotations, as tuples are), nested components (written
 as ``{type, args}`` the same way), or module-level functions and classes (written as
 ``{ref: "module:QualName"}``, e.g. the training function of a ``NumpyExecutor``). Anything else
 (an array, a lambda, a live model object) raises :class:`~fedcell.errors.ConfigError` at export,
-naming the field. TOML has no null: a
-``None`` argument whose default is ``None`` is left out, any other ``None`` is refused.
+naming the field. TOML has no null: a ``None`` argument whose default is ``None`` is left out,
+any other ``None`` is refused.
 
 **Custom code.** Every class a component uses is imported from its module on load. A module
 whose top-level package is part of the standard library or of an installed distribution
