@@ -99,7 +99,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from fedcell.errors import (
     CellError,
@@ -113,6 +113,7 @@ from fedcell.errors import (
     RemoteError,
     RequestTimeoutError,
     RouteLoopError,
+    StreamError,
     TransportClosedError,
     TransportError,
     UnreachableError,
@@ -129,6 +130,12 @@ from fedcell.transports.message import (
     unpack_envelope,
 )
 from fedcell.transports.registry import get_transport
+from fedcell.transports.stream import (
+    FileSinkPolicy,
+    StreamConfig,
+    StreamEndpoint,
+    StreamStats,
+)
 
 __all__ = [
     "CONTROL_CHANNEL",
@@ -155,24 +162,6 @@ Handler = Callable[[Message], Awaitable[Any]]
 PeerEvent = Literal["joined", "left"]
 PeerListener = Callable[[str, PeerEvent], None]
 ErrorKind = Literal["unreachable", "loop", "no-handler", "raised", "malformed"]
-
-
-class _StreamPort(Protocol):
-    threshold: int
-
-    async def send_message(self, peer: str, message: Message) -> None: ...
-
-    async def broadcast_message(
-        self, peers: Sequence[str], message: Message
-    ) -> dict[str, BaseException | None]: ...
-
-    async def send_file(
-        self, peer: str, path: Path, *, channel: str, meta: dict[str, Any]
-    ) -> Any: ...
-
-    async def handle(self, peer: str, frames: list[Buffer]) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +204,8 @@ class CellConfig:
         Largest payload tree frame accepted from the network.
     transport:
         Options handed to the transport (queue sizes, zero-copy threshold).
+    stream:
+        The stream layer's tunables; ``stream.threshold`` decides which messages are streamed.
     """
 
     heartbeat_interval: float = 1.0
@@ -222,6 +213,7 @@ class CellConfig:
     connect_timeout: float = 10.0
     max_payload_header_bytes: int = codec.DEFAULT_MAX_TREE_BYTES
     transport: TransportOptions = field(default_factory=TransportOptions)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
     def __post_init__(self) -> None:
         if not self.heartbeat_interval > 0:
@@ -260,6 +252,8 @@ class CellStatistics:
         Requests that got no reply within their timeout.
     peers_lost:
         Times a neighbour was declared gone.
+    streams:
+        The stream layer's counters (streams, bytes, codecs, peak window use).
     """
 
     name: str
@@ -272,6 +266,7 @@ class CellStatistics:
     pending_requests: int
     requests_timed_out: int
     peers_lost: int
+    streams: StreamStats
 
 
 @dataclass(slots=True)
@@ -351,6 +346,8 @@ class Cell:
         refuse the connection. Default: accept the claimed name.
     claims:
         Credentials sent in this cell's own hellos (what the other side's ``authenticate`` sees).
+    file_sink:
+        Where files sent to this cell (:meth:`send_file`) land; ``None`` refuses every file.
 
     Raises
     ------
@@ -367,6 +364,7 @@ class Cell:
         config: CellConfig | None = None,
         authenticate: Authenticator | None = None,
         claims: Mapping[str, Any] | None = None,
+        file_sink: FileSinkPolicy | None = None,
     ) -> None:
         self._name = validate_cell_name(name)
         self._listen_url = listen
@@ -383,7 +381,8 @@ class Cell:
         self._relayed: dict[tuple[str, str], _Relayed] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: Listener | None = None
-        self._stream: _StreamPort | None = None
+        self._stream: StreamEndpoint | None = None
+        self._file_sink = file_sink
         self._counters = _Counters()
         self._state: Literal["new", "running", "stopped"] = "new"
 
@@ -407,6 +406,13 @@ class Cell:
             raise CellError(f"cell {self._name!r} was already started")
         self._state = "running"
         try:
+            self._stream = StreamEndpoint(
+                self._send_stream_frames,
+                self._deliver_streamed,
+                self._config.stream,
+                name=self._name,
+                file_sink=self._file_sink,
+            )
             if self._listen_url is not None:
                 transport = get_transport(self._listen_url, self._config.transport)
                 self._listener = await transport.listen(self._listen_url)
@@ -546,6 +552,7 @@ class Cell:
             pending_requests=len(self._pending),
             requests_timed_out=c.timed_out,
             peers_lost=c.peers_lost,
+            streams=self._stream.statistics() if self._stream is not None else StreamStats(),
         )
 
     def __repr__(self) -> str:
@@ -621,7 +628,13 @@ class Cell:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[key] = _Pending(future, via)
         try:
-            await self._transmit(message, via)
+            try:
+                await self._transmit(message, via)
+            except StreamError:
+                failure = future.exception() if future.done() else None
+                if failure is not None:
+                    raise failure from None  # the target was declared gone mid-stream
+                raise
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             self._counters.timed_out += 1
@@ -726,18 +739,22 @@ class Cell:
         *,
         channel: str,
         meta: Mapping[str, Any] | None = None,
-    ) -> Any:
-        """Stream the file at ``path`` to ``target``; its handler on ``channel`` receives it.
+    ) -> str:
+        """Stream the file at ``path`` to ``target``; return its hex xxh3_128 once verified.
 
-        Memory stays bounded by the stream window whatever the file size. Returns what the
-        stream layer reports once the receiver verified the whole file.
+        The target's file sink decides where the file lands; its handler on ``channel`` then
+        gets a message whose payload is a :class:`~fedcell.transports.stream.ReceivedFile`
+        (path, size, digest, ``meta``). Memory stays bounded by the stream window whatever the
+        file size.
 
         Raises
         ------
         UnreachableError
             If there is no route to ``target``.
         StreamError
-            If the transfer fails (integrity, stall, cancel).
+            If the transfer fails (integrity, stall, cancelled, or the target refuses files).
+        OSError
+            If ``path`` cannot be read.
         """
         self._check_running()
         if self._route(target) is None:
@@ -1012,7 +1029,19 @@ class Cell:
                 )
             elif relayed.requester == name:
                 del self._relayed[key]
+        self._cancel_streams_beyond(name, reason)
         self._notify_peer(name, "left")
+
+    def _cancel_streams_beyond(self, name: str, reason: str) -> None:
+        """Cancel the open streams whose peer became unreachable when ``name`` left."""
+        if self._stream is None:
+            return
+        for info in self._stream.streams():
+            try:
+                self._route(info.peer)
+            except UnreachableError:
+                with contextlib.suppress(StreamError):
+                    self._stream.cancel(info.peer, info.sid, f"{name!r} is gone ({reason})")
 
     def _notify_peer(self, name: str, event: PeerEvent) -> None:
         for listener in list(self._peer_listeners):

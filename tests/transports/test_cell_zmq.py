@@ -159,3 +159,26 @@ def test_site_keeps_working_after_the_server_process_is_killed_and_restarted() -
                     proc.stdout.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.allow_leaks  # zero-copy sends start pyzmq's process-wide garbage-collector thread
+def test_a_large_model_streams_site_to_site_over_tcp() -> None:
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            server = await stack.enter_async_context(
+                Cell("server", listen="tcp://127.0.0.1:0", config=CONFIG)
+            )
+            sites = [
+                await stack.enter_async_context(Cell(f"site-{i}", parent=server.url, config=CONFIG))
+                for i in (1, 2)
+            ]
+            sites[1].register("echo", echo)
+            weights = np.arange(4 * 1024 * 1024, dtype=np.float32)  # 16 MiB: streamed
+
+            reply = await sites[0].request("site-2", "echo", {"w": weights}, timeout=30)
+
+            np.testing.assert_array_equal(reply["payload"]["w"], weights)
+            assert sites[1].statistics().streams.streams_received == 1
+            assert sites[0].statistics().streams.streams_received == 1
+
+    asyncio.run(main())
