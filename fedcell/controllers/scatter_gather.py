@@ -352,6 +352,8 @@ def _load_model(owner: str, path: str) -> Mapping[str, Any]:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{owner}: cannot import model {path!r}: {exc}") from exc
+    if not callable(factory):
+        raise ConfigError(f"{owner}: model {path!r} is {type(factory).__name__}, not callable")
     built = factory()
     if hasattr(built, "state_dict"):
         return {name: value.detach() for name, value in built.state_dict().items()}
