@@ -445,7 +445,13 @@ class Cell:
         for link in list(self._links):
             if link.attached:
                 self._send_control_nowait(link, "bye")
-        tasks = [*self._tasks, *(link.reader for link in self._links if link.reader)]
+        # A handler may stop its own cell: never cancel (or wait for) the task calling stop().
+        current = asyncio.current_task()
+        tasks = [
+            task
+            for task in (*self._tasks, *(link.reader for link in self._links))
+            if task is not None and task is not current
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

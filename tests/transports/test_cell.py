@@ -519,3 +519,58 @@ def test_spoofed_sender_is_dropped() -> None:
             await raw.close()
 
     run(main)
+
+
+def test_a_handler_may_stop_its_own_cell() -> None:
+    async def main() -> None:
+        async with star("site-1") as cells:
+            site = cells["site-1"]
+            stopped = asyncio.Event()
+
+            async def shutdown(message: Message) -> None:
+                await site.stop()
+                stopped.set()
+
+            site.register("shutdown", shutdown)
+            await cells["server"].send("site-1", "shutdown")
+            await asyncio.wait_for(stopped.wait(), 2)
+            await until(lambda: cells["server"].peers == ())
+
+    run(main)
+
+
+def test_a_parent_that_does_not_know_the_child_gets_a_new_hello() -> None:
+    async def main() -> None:
+        # Prepare: a raw listener plays a parent that restarted and lost its state
+        from fedcell.transports import listen
+
+        parent = await listen(inproc_url())
+        site = Cell("site-1", parent=parent.url, config=FAST)
+        events: list[tuple[str, str]] = []
+        site.add_peer_listener(lambda name, event: events.append((name, event)))
+        starting = asyncio.create_task(site.start())
+        conn = await parent.accept()
+
+        def control(topic: str, payload: Any = None) -> list[Buffer]:
+            return to_wire(
+                Message.create("server", "site-1", CONTROL_CHANNEL, payload, topic=topic)
+            )
+
+        envelope, _ = await recv_envelope(conn)
+        assert envelope.topic == "hello"
+        await conn.send(control("welcome", {"name": "server"}))
+        await starting
+
+        # Execute
+        await conn.send(control("who"))
+        envelope, _ = await recv_envelope(conn)
+
+        # Assert: the child dropped the parent, said hello again, and is back once welcomed
+        assert envelope.topic == "hello" and site.parent is None
+        await conn.send(control("welcome", {"name": "server"}))
+        await until(lambda: site.parent == "server")
+        assert events == [("server", "joined"), ("server", "left"), ("server", "joined")]
+        await site.stop()
+        await parent.close()
+
+    run(main)
