@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedcell.engine.scheduler import (
     AbortRequested,
@@ -360,3 +364,110 @@ def test_a_malformed_snapshot_raises_job_error() -> None:
     del snapshot["job"]
     with pytest.raises(JobError, match="snapshot is malformed"):
         Scheduler.from_snapshot(snapshot)
+
+
+# ---------------------------------------------------------------------------- property test
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> list[NodeSpec]:
+    """Random DAGs of up to 8 nodes (edges only from lower to higher index), some timed."""
+    count = draw(st.integers(min_value=0, max_value=8))
+    specs = []
+    for index in range(count):
+        upstream = draw(st.sets(st.integers(min_value=0, max_value=max(index - 1, 0))))
+        timeout = draw(st.sampled_from([None, None, 1.0, 3.0]))
+        names = tuple(f"n{u}" for u in sorted(upstream) if u < index)
+        specs.append(NodeSpec(f"n{index}", names, timeout))
+    return specs
+
+
+@settings(max_examples=300, deadline=None)
+@given(specs=dags(), data=st.data())
+def test_random_event_streams_keep_every_invariant(specs: list[NodeSpec], data: Any) -> None:
+    """Drive random DAGs with random outcomes, aborts, ticks and lost sites, and check what any
+    driver relies on after every event."""
+    # Prepare
+    scheduler = Scheduler(specs, min_sites=2)
+    upstream = {spec.name: spec.upstream for spec in specs}
+    running: set[str] = set()
+    done: list[JobDone] = []
+    now = 0.0
+    action = "start"
+    commands = scheduler.handle(JobStarted(("s1", "s2", "s3"), now=now))
+
+    for _ in range(40):
+        # Assert: the commands are consistent with everything seen so far
+        for command in commands:
+            assert not done, f"{command} after JobDone"
+            if isinstance(command, StartNode):
+                assert command.node not in running
+                assert all(
+                    scheduler.nodes[up].state is NodeState.FINISHED for up in upstream[command.node]
+                )
+                assert dict(command.inputs) == {up: f"out-{up}" for up in upstream[command.node]}
+                running.add(command.node)
+            elif isinstance(command, CancelNode):
+                running.remove(command.node)
+                assert scheduler.nodes[command.node].state in (
+                    NodeState.FAILED,
+                    NodeState.CRASHED,
+                    NodeState.ABORTED,
+                )
+            else:
+                done.append(command)
+        assert running == {n for n, r in scheduler.nodes.items() if r.state is NodeState.RUNNING}
+        if done:
+            break
+        assert running, "nothing runs but the job is not done"
+
+        # Execute: one random event
+        now += data.draw(st.sampled_from([0.0, 0.5, 2.0]))
+        action = data.draw(st.sampled_from(["finish", "finish", "fail", "abort", "tick", "lost"]))
+        node = data.draw(st.sampled_from(sorted(running)))
+        if action == "finish":
+            running.discard(node)
+            commands = scheduler.handle(NodeFinished(node, f"out-{node}", now=now))
+        elif action == "fail":
+            running.discard(node)
+            kind = data.draw(st.sampled_from(["failed", "crashed", "aborted"]))
+            commands = scheduler.handle(NodeFailed(node, kind, "boom", now=now))
+        elif action == "abort":
+            commands = scheduler.handle(AbortRequested("stop", now=now))
+        elif action == "tick":
+            commands = scheduler.handle(Tick(now=now))
+        else:
+            commands = scheduler.handle(
+                SiteLost(data.draw(st.sampled_from(["s1", "s2", "s3"])), now=now)
+            )
+    else:
+        return  # the stream ran out before the job ended; the per-step checks above held
+
+    # Assert: the end state, against an independent oracle of the precedence rules
+    (final,) = done
+    assert final.state is scheduler.job_state
+    states = {name: record.state for name, record in scheduler.nodes.items()}
+    assert NodeState.PENDING not in states.values() and NodeState.RUNNING not in states.values()
+    for name, state in states.items():
+        if state is NodeState.FINISHED:
+            assert scheduler.outputs[name] == f"out-{name}"
+        if state is NodeState.SKIPPED and action != "lost":
+            assert any(states[up] is not NodeState.FINISHED for up in upstream[name])
+    if action == "abort":
+        expected = JobState.ABORTED
+    elif action == "lost":
+        expected = JobState.CRASHED
+    else:
+        expected = next(
+            (
+                job_state
+                for node_state, job_state in (
+                    (NodeState.FAILED, JobState.FAILED),
+                    (NodeState.CRASHED, JobState.CRASHED),
+                    (NodeState.ABORTED, JobState.ABORTED),
+                )
+                if node_state in states.values()
+            ),
+            JobState.FINISHED,
+        )
+    assert final.state is expected
