@@ -69,7 +69,7 @@ def test_receive_holds_the_task_until_send_answers_it() -> None:
 def test_send_without_a_task_or_with_a_wrong_type_is_refused() -> None:
     session = RecordingSession()
     api = ClientAPI(session)
-    with pytest.raises(ConfigError, match="call flare.receive"):
+    with pytest.raises(ConfigError, match=r"call flare\.receive"):
         api.send(FLModel(params={}))
     session.tasks.put(task("t1"))
     api.receive()

@@ -10,7 +10,13 @@ import pytest
 
 from fedcell.engine.dispatcher import Task
 from fedcell.errors import ConfigError
-from fedcell.executors import Executor, NumpyExecutor, ScriptRunner, get_executor_class, register_executor
+from fedcell.executors import (
+    Executor,
+    NumpyExecutor,
+    ScriptRunner,
+    get_executor_class,
+    register_executor,
+)
 
 
 @dataclass
@@ -37,7 +43,7 @@ def test_registration_and_conflicts() -> None:
         register_executor("test-echo", NumpyExecutor)
     with pytest.raises(ConfigError, match="not a fedcell Executor"):
         register_executor("test-bad", dict)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="no executor named 'nope'.*numpy"):
+    with pytest.raises(ConfigError, match=r"no executor named 'nope'.*numpy"):
         get_executor_class("nope")
 
 
