@@ -15,7 +15,7 @@ Rules, which follow NVIDIA FLARE's weighted aggregation:
   reference (global) value.
 - **FULL and DIFF**: the first result fixes the round's ``params_type`` (``None`` means FULL);
   a result of the other type is rejected. :meth:`WeightedMean.mean` is the mean of what was
-  sent; :meth:`WeightedMean.update` turns it into the step from the global model (mean − global
+  sent; :meth:`WeightedMean.update` turns it into the step from the global model (mean - global
   for FULL, the mean diff itself for DIFF), which server optimizers consume.
 - **Validation first**: a result is checked whole (type, known keys, shapes, weight) before any
   of it is added, so a rejected result (:class:`~fedcell.errors.ProtocolError`, recorded by the
@@ -243,7 +243,9 @@ class WeightedMean:
         self.count += 1
 
     def _precision_of(self, name: str) -> str:
-        return "float64" if _float_dtype_name(self.reference[name]) == "float64" else self._precision
+        if _float_dtype_name(self.reference[name]) == "float64":
+            return "float64"
+        return self._precision
 
     def _checked_params(self, model: FLModel, site: str) -> dict[str, Any]:
         if not isinstance(model.params, Mapping):

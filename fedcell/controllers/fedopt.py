@@ -2,15 +2,15 @@
 
 Adaptive federated optimization (Reddi et al., "Adaptive Federated Optimization", ICLR 2021)
 treats the averaged client update as a gradient for a server optimizer. With ``x`` the global
-model and ``Δ = mean(client models) − x`` (for DIFF rounds, the mean diff itself; see
-:meth:`~fedcell.controllers.aggregation.WeightedMean.update`), the pseudo-gradient is ``−Δ`` and,
+model and ``Δ = mean(client models) - x`` (for DIFF rounds, the mean diff itself; see
+:meth:`~fedcell.controllers.aggregation.WeightedMean.update`), the pseudo-gradient is ``-Δ`` and,
 per parameter tensor, element-wise:
 
 - :class:`FedAvgM` (Hsu et al. 2019): ``v ← β·v + Δ``; ``x ← x + η·v``. With ``β = 0`` and
   ``η = 1`` it is FedAvg.
-- :class:`FedAdam`: ``m ← β₁·m + (1−β₁)·Δ``; ``v ← β₂·v + (1−β₂)·Δ²``;
+- :class:`FedAdam`: ``m ← β₁·m + (1-β₁)·Δ``; ``v ← β₂·v + (1-β₂)·Δ²``;
   ``x ← x + η·m / (√v + τ)``.
-- :class:`FedYogi`: as FedAdam but ``v ← v − (1−β₂)·Δ²·sign(v − Δ²)``, which grows ``v`` more
+- :class:`FedYogi`: as FedAdam but ``v ← v - (1-β₂)·Δ²·sign(v - Δ²)``, which grows ``v`` more
   slowly.
 
 As in the paper's Algorithm 2, there is no bias correction; ``m`` starts at 0 and ``v`` at ``τ²``.
@@ -133,7 +133,7 @@ class FedAvgM(FedOpt):
 
 @dataclass
 class FedAdam(FedOpt):
-    """Adam on the server: ``m ← β₁m + (1−β₁)Δ``, ``v ← β₂v + (1−β₂)Δ²``,
+    """Adam on the server: ``m ← β₁m + (1-β₁)Δ``, ``v ← β₂v + (1-β₂)Δ²``,
     ``x ← x + η·m/(√v + τ)``.
 
     Parameters
@@ -180,14 +180,14 @@ class FedAdam(FedOpt):
         return first / (sqrt(second) + self.tau)
 
     def advance_second_moment(self, second: Any, step_squared: Any) -> None:
-        """Adam: ``v ← β₂·v + (1−β₂)·Δ²`` in place."""
+        """Adam: ``v ← β₂·v + (1-β₂)·Δ²`` in place."""
         second *= self.beta2
         second += (1.0 - self.beta2) * step_squared
 
 
 @dataclass
 class FedYogi(FedAdam):
-    """Yogi on the server: FedAdam with ``v ← v − (1−β₂)·Δ²·sign(v − Δ²)``.
+    """Yogi on the server: FedAdam with ``v ← v - (1-β₂)·Δ²·sign(v - Δ²)``.
 
     Parameters
     ----------
@@ -196,5 +196,5 @@ class FedYogi(FedAdam):
     """
 
     def advance_second_moment(self, second: Any, step_squared: Any) -> None:
-        """Yogi: ``v ← v − (1−β₂)·Δ²·sign(v − Δ²)`` in place."""
+        """Yogi: ``v ← v - (1-β₂)·Δ²·sign(v - Δ²)`` in place."""
         second -= (1.0 - self.beta2) * step_squared * sign(second - step_squared)

@@ -110,7 +110,9 @@ class ScatterGather(Controller):
 
     @property
     def task_names(self) -> tuple[str, ...]:
-        return (self.train_task, self.validate_task) if self.final_validation else (self.train_task,)
+        if self.final_validation:
+            return (self.train_task, self.validate_task)
+        return (self.train_task,)
 
     def validate(self) -> None:
         """Check the configuration.
@@ -247,6 +249,7 @@ class ScatterGather(Controller):
             history.append(
                 _round_record(current_round, results, metrics, time.perf_counter() - started)
             )
+            ctx.report(current_round + 1, self.rounds, metrics)
             ctx.logger.info(
                 "%s round %d/%d: %d ok, metrics %s",
                 ctx.node, current_round + 1, self.rounds, mean.count, metrics,

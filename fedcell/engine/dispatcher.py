@@ -387,7 +387,9 @@ class ControllerContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("fedcell.controller"))
     progress: Callable[[ProgressEvent], None] | None = None
 
-    def report(self, step: int, total: int | None = None, metrics: Mapping[str, Any] | None = None) -> None:
+    def report(
+        self, step: int, total: int | None = None, metrics: Mapping[str, Any] | None = None
+    ) -> None:
         """Tell the live display (if any) that this node completed ``step`` of ``total``."""
         if self.progress is not None:
             self.progress(ProgressEvent(self.node, step, total, dict(metrics or {})))

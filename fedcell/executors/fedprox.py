@@ -1,7 +1,7 @@
 """FedProx's proximal term, for a site's PyTorch training loop.
 
 FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020) keeps each
-site's local model near the global model it received by adding ``μ/2 · Σ‖w − w_global‖²`` over the
+site's local model near the global model it received by adding ``μ/2 · Σ‖w - w_global‖²`` over the
 trainable parameters to the local loss. The server side is plain FedAvg; only the client changes::
 
     prox = FedProxLoss(mu=0.01)
@@ -27,7 +27,7 @@ __all__ = ["FedProxLoss"]
 
 
 class FedProxLoss:
-    """The FedProx proximal term ``μ/2 · Σ‖w − w_global‖²``.
+    """The FedProx proximal term ``μ/2 · Σ‖w - w_global‖²``.
 
     Parameters
     ----------
