@@ -88,6 +88,10 @@ CUSTOM_DIR = "custom"
 CONFIG_NAMES: dict[str, str] = {"json": "job.json", "yaml": "job.yaml", "toml": "job.toml"}
 
 _SCALARS = (bool, int, float, str)
+_TOP_KEYS = frozenset({"format_version", "job", "nodes", "executors", "custom_code", "files"})
+_JOB_KEYS = frozenset({"name", "min_sites"})
+_NODE_KEYS = frozenset({"name", "controller", "after", "timeout"})
+_EXECUTOR_KEYS = frozenset({"executor", "tasks", "sites"})
 
 
 # =========================================================================== export
@@ -360,6 +364,7 @@ class _ConfigReader:
 
     def job(self, tree: Any, folder: Path) -> Job:
         root = self.mapping(tree, "top level")
+        self.known_keys(root, _TOP_KEYS, "top level")
         version = root.get("format_version")
         if version != FORMAT_VERSION:
             raise self.fail(
@@ -369,12 +374,15 @@ class _ConfigReader:
         file_names = self.names(root.get("files", []), "files")
         custom = folder / CUSTOM_DIR
         for name in [*custom_names, *file_names]:
+            if name in ("", ".", "..") or Path(name).name != name:
+                raise self.fail("custom_code/files", f"{name!r} is not a plain file name")
             if not (custom / name).exists():
                 raise self.fail("custom_code/files", f"{CUSTOM_DIR}/{name} is missing")
         if custom_names and str(custom) not in sys.path:
             sys.path.insert(0, str(custom))
 
         header = self.mapping(root.get("job"), "job")
+        self.known_keys(header, _JOB_KEYS, "job")
         job_name = self.string(header.get("name"), "job.name")
         job: Job = self.build("job", Job, job_name, min_sites=header.get("min_sites", 1))
         for index, raw in enumerate(self.sequence(root.get("nodes"), "nodes")):
@@ -382,6 +390,7 @@ class _ConfigReader:
             entry = self.mapping(raw, where)
             name = self.string(entry.get("name"), f"{where}.name")
             where = f"nodes.{name}"
+            self.known_keys(entry, _NODE_KEYS, where)
             controller = self.component(entry.get("controller"), f"{where}.controller")
             if not isinstance(controller, Controller):
                 raise self.fail(
@@ -393,13 +402,14 @@ class _ConfigReader:
         for index, raw in enumerate(self.sequence(root.get("executors", []), "executors")):
             where = f"executors[{index}]"
             entry = self.mapping(raw, where)
+            self.known_keys(entry, _EXECUTOR_KEYS, where)
             executor = self.component(entry.get("executor"), f"{where}.executor")
             tasks = self.names(entry.get("tasks"), f"{where}.tasks")
             sites = entry.get("sites")
             site_names = None if sites is None else self.names(sites, f"{where}.sites")
             self.build(where, job.add_executor, executor, tasks=tasks, sites=site_names)
         for name in file_names:
-            job.add_file(custom / name)
+            self.build("files", job.add_file, custom / name)
         return job
 
     def component(self, raw: Any, where: str) -> Any:
@@ -449,6 +459,11 @@ class _ConfigReader:
             return make(*args, **kwargs)
         except (TypeError, ValueError) as exc:  # ConfigError is a ValueError
             raise self.fail(where, str(exc)) from exc
+
+    def known_keys(self, entry: Mapping[str, Any], known: frozenset[str], where: str) -> None:
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise self.fail(where, f"unknown key(s) {unknown}; expected some of {sorted(known)}")
 
     def mapping(self, raw: Any, where: str) -> dict[str, Any]:
         if not isinstance(raw, dict):

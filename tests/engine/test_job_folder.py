@@ -428,6 +428,11 @@ def test_a_config_that_does_not_parse_names_the_file(tmp_path: Path, name: str, 
         (lambda c: c["executors"][0].update(tasks=["fly"]), r"executors\[0\]: .*not \['fly'\]"),
         (lambda c: c["executors"][0]["executor"]["args"].update(train={"ref": "fedcell.errors:nope"}), r"executors\[0\]\.executor\.args\.train\.ref: module 'fedcell.errors' has no 'nope'"),
         (lambda c: c["files"].append("gone.py"), "custom/gone.py is missing"),
+        (lambda c: c["files"].append("../job.json"), r"files: '\.\./job\.json' is not a plain file name"),
+        (lambda c: c.update(executor=[]), r"top level: unknown key\(s\) \['executor'\]"),
+        (lambda c: c["job"].update(min_site=2), r"job: unknown key\(s\) \['min_site'\]"),
+        (lambda c: c["nodes"][1].update(depends=["init"]), r"nodes\.train: unknown key\(s\) \['depends'\]"),
+        (lambda c: c["executors"][0].update(site=["site-1"]), r"executors\[0\]: unknown key\(s\) \['site'\]"),
     ],
 )  # fmt: skip
 def test_a_broken_config_raises_config_error_naming_file_and_field(
