@@ -7,8 +7,10 @@ The :class:`~fedcell.engine.scheduler.Scheduler` decides; the runner acts. Its l
 
 - ``StartNode`` creates one asyncio task running ``controller.run(ctx)`` with a
   :class:`~fedcell.engine.dispatcher.ControllerContext` (``inputs`` = upstream outputs by node
-  name, read-only; ``workspace`` = ``<workspace>/<node>`` when the runner has a workspace; a
-  per-node child of the runner's logger).
+  name, in a read-only mapping; ``workspace`` = ``<workspace>/<node>`` when the runner has a
+  workspace; a per-node child of the runner's logger). Outputs are passed by reference, not
+  copied (a global model may be large), and one output may feed several nodes at once: a
+  controller must not mutate its inputs.
 - The node's outcome comes back as an event, mapped here and nowhere else: a return value →
   ``NodeFinished``; :class:`~fedcell.errors.SiteCrashedError` → *crashed*;
   :class:`~fedcell.errors.TooFewResultsError` whose missing answers were all lost sites
@@ -339,10 +341,11 @@ class JobRunner:
         deadline = scheduler.next_deadline()
         if deadline is None:
             return await self._events.get()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return Tick(time.monotonic())
         try:
-            return await asyncio.wait_for(
-                self._events.get(), timeout=max(0.0, deadline - time.monotonic())
-            )
+            return await asyncio.wait_for(self._events.get(), timeout=remaining)
         except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             return Tick(time.monotonic())
 

@@ -393,3 +393,26 @@ def test_default_job_id_is_the_job_name_plus_a_random_suffix() -> None:
     second = JobRunner(make_job(("a", Fn(lambda ctx: constant(1)), [])), local_dispatcher())
     assert first.job_id.startswith("test-") and len(first.job_id) == len("test-") + 8
     assert first.job_id != second.job_id
+
+
+def test_time_limits_fire_while_other_nodes_keep_producing_events() -> None:
+    # Prepare: a blocked node with a 0.1 s limit next to a chain of 100 nodes of 10 ms each
+    blocker = Blocker()
+
+    async def step(ctx: ControllerContext) -> None:
+        await asyncio.sleep(0.01)
+
+    job = Job("busy")
+    job.add(Fn(blocker), name="slow", timeout=0.1)
+    for index in range(100):
+        job.add(Fn(step), name=f"step{index}", after=[f"step{index - 1}"] if index else [])
+
+    # Execute
+    result = asyncio.run(asyncio.wait_for(JobRunner(job, local_dispatcher()).run(), 30))
+
+    # Assert: the limit fired long before the chain (at least 1 s) ended
+    slow = result.nodes["slow"]
+    assert slow.state is NodeState.FAILED
+    assert slow.duration is not None and slow.duration < 0.6
+    assert result.nodes["step99"].state is NodeState.FINISHED
+    assert result.nodes["step99"].finished_at > slow.finished_at  # type: ignore[operator]
