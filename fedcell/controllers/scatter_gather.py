@@ -102,11 +102,15 @@ class ScatterGather(Controller):
     initial_params: dict[str, Any] | None = None
     model: str | None = None
     weigh_by: str | None = "NUM_STEPS_CURRENT_ROUND"
-    stop_when: tuple[str, str, float] | list[Any] | None = None
+    stop_when: tuple[str, str, float] | None = None
     final_validation: bool = False
     task_props: dict[str, Any] = field(default_factory=dict)
     train_task: str = "train"
     validate_task: str = "validate"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_when, list):  # as a hand-written config gives it
+            self.stop_when = tuple(self.stop_when)
 
     @property
     def task_names(self) -> tuple[str, ...]:
