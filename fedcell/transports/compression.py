@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "fedcell.codecs"
+_BLOSC2_HEADER_BYTES = 32
 NONE = "none"
 MIN_GAIN = 0.10
 
@@ -119,16 +120,24 @@ class Blosc2Codec:
         return out
 
     def decompress_into(self, data: Buffer, out: memoryview) -> None:
+        src = memoryview(data).cast("B")
+        if src.nbytes < _BLOSC2_HEADER_BYTES:
+            raise FrameError(f"{self.name} chunk of {src.nbytes} bytes is shorter than its header")
         try:
-            raw_size, _, _ = blosc2.get_cbuffer_sizes(data)
+            raw_size, packed_size, _ = blosc2.get_cbuffer_sizes(src)
         except Exception as exc:
             raise FrameError(f"{self.name} chunk has no valid blosc2 header: {exc}") from exc
+        # blosc2 trusts the sizes in the header: check them before it reads or writes anything.
+        if packed_size != src.nbytes:
+            raise FrameError(
+                f"{self.name} chunk has {src.nbytes} bytes; its header says {packed_size}"
+            )
         if raw_size != out.nbytes:
             raise FrameError(
                 f"{self.name} chunk decompresses to {raw_size} bytes, expected {out.nbytes}"
             )
         try:
-            blosc2.decompress(data, dst=out)
+            blosc2.decompress(src, dst=out)
         except Exception as exc:
             raise FrameError(f"{self.name} chunk does not decompress: {exc}") from exc
 
