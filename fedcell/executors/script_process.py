@@ -81,6 +81,7 @@ from fedcell.executors.script_protocol import (
     ScriptSession,
     ScriptTask,
     SiteInfo,
+    displayed_text,
 )
 from fedcell.transports.cell import Cell, CellConfig, Hello
 from fedcell.transports.message import Message
@@ -308,7 +309,7 @@ class ProcessScriptHost:
                 line = await stream.read(1 << 20)
             if not line:
                 return
-            text = line.decode(errors="replace").rstrip("\r\n")
+            text = displayed_text(line.decode(errors="replace").rstrip("\n"))
             if level >= logging.WARNING:
                 self._stderr_tail.append(text)
             self._logger.log(level, "[%s] %s", self._label, text)

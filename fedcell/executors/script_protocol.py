@@ -65,6 +65,7 @@ __all__ = [
     "ScriptTask",
     "SiteInfo",
     "bind_thread_session",
+    "displayed_text",
     "format_script_error",
     "thread_session",
 ]
@@ -171,6 +172,12 @@ def thread_session() -> ScriptSession | None:
     """The session bound to the calling thread, if any."""
     session: ScriptSession | None = getattr(_binding, "session", None)
     return session
+
+
+def displayed_text(line: str) -> str:
+    """What a terminal would show for one output line: the text after its last carriage return
+    (progress bars redraw a line with ``\\r``; only its final state is worth a log record)."""
+    return line.rstrip("\r").rpartition("\r")[2]
 
 
 def format_script_error(exc: BaseException, script: Path) -> str:

@@ -33,11 +33,10 @@ import asyncio
 import builtins
 import concurrent.futures
 import contextlib
-import io
 import logging
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, SupportsIndex, TextIO
@@ -53,6 +52,7 @@ from fedcell.executors.script_protocol import (
     ScriptTask,
     SiteInfo,
     bind_thread_session,
+    displayed_text,
     format_script_error,
 )
 from fedcell.fl_model import FLModel
@@ -131,7 +131,7 @@ class ThreadSession(ScriptSession):
             self._loop.call_soon_threadsafe(callback, *args)
 
 
-class _LogLines(io.TextIOBase):
+class _LogLines:
     """A text sink that turns whole lines into log records."""
 
     def __init__(self, logger: logging.Logger, level: int, prefix: str) -> None:
@@ -140,16 +140,15 @@ class _LogLines(io.TextIOBase):
         self._prefix = prefix
         self._pending = ""
 
-    def writable(self) -> bool:
-        return True
-
     def write(self, text: str) -> int:
-        *lines, self._pending = (self._pending + text).split("\n")
+        *lines, pending = (self._pending + text).split("\n")
+        self._pending = pending.rpartition("\r")[2]  # a redrawn line only keeps its last state
         for line in lines:
-            self._emit(line)
+            self._emit(displayed_text(line))
         return len(text)
 
-    def flush(self) -> None:
+    def finish(self) -> None:
+        """Log the unterminated last line, if any."""
         if self._pending:
             self._emit(self._pending)
             self._pending = ""
@@ -165,33 +164,37 @@ class _LogLines(io.TextIOBase):
             _routes.emitting = False
 
 
-class _RoutedStream(io.TextIOBase):
+class _RoutedStream:
     """Stands in for ``sys.stdout``/``sys.stderr``: the script's thread writes to its log sink,
-    every other thread to the stream that was there before."""
+    every other thread to the stream that was there before (which also answers every other
+    attribute: ``encoding``, ``fileno``, ``buffer`` ...)."""
 
     def __init__(self, original: TextIO, attribute: str) -> None:
         self.original = original
         self._attribute = attribute
 
-    def _target(self) -> TextIO | _LogLines:
+    def _sink(self) -> _LogLines | None:
         sink: _LogLines | None = getattr(_routes, self._attribute, None)
         if sink is None or getattr(_routes, "emitting", False):
-            return self.original
+            return None
         return sink
 
-    def writable(self) -> bool:
-        return True
-
     def write(self, text: str) -> int:
-        return self._target().write(text)
+        sink = self._sink()
+        return sink.write(text) if sink is not None else self.original.write(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
 
     def flush(self) -> None:
-        self._target().flush()
+        if self._sink() is None:
+            self.original.flush()
 
     def isatty(self) -> bool:
-        return False
+        return False if self._sink() is not None else self.original.isatty()
 
-    def __getattr__(self, name: str) -> Any:  # encoding, errors, buffer, fileno ...
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.original, name)
 
 
@@ -260,7 +263,7 @@ class _ThreadRouting:
 
     def exit(self, folder: str) -> None:
         for name in ("stdout", "stderr"):
-            getattr(_routes, name).flush()
+            getattr(_routes, name).finish()
             setattr(_routes, name, None)
         _routes.argv = None
         with self._lock:

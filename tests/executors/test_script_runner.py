@@ -335,3 +335,35 @@ def test_relative_script_resolves_against_the_job_workspace(scripts: Path) -> No
             await runner.stop()
 
     assert asyncio.run(main()).ok
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_script_output_becomes_site_log_lines(
+    mode: str, scripts: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def main() -> TaskResult:
+        runner = ScriptRunner(script=scripts / "chatty_script.py", mode=mode, params_format="native")  # type: ignore[arg-type]
+        await runner.start(site())
+        try:
+            return await dispatch(runner, "train", FLModel(params={"w": np.ones(1)}))
+        finally:
+            await runner.stop()
+
+    stdout_before = sys.stdout
+    assert asyncio.run(main()).ok
+
+    site_lines = {
+        (record.levelno, record.getMessage())
+        for record in caplog.records
+        if record.name == "fedcell.test.site-1"
+    }
+    prefix = "[script chatty_script.py] "
+    assert (logging.INFO, prefix + "hello from the script") in site_lines
+    assert (logging.INFO, prefix + "100%") in site_lines  # only the progress bar's final state
+    assert (logging.WARNING, prefix + "something went sideways") in site_lines
+    assert (logging.WARNING, prefix + "logged by the script") in site_lines
+    assert (logging.INFO, prefix + "last words without a newline") in site_lines
+    assert not any("10%" in message for _, message in site_lines)
+    assert sys.stdout is stdout_before
