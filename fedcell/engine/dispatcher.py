@@ -119,7 +119,7 @@ class TaskHandle(abc.ABC):
     Raises
     ------
     ConfigError
-        If ``targets`` is empty or names a site twice.
+        If ``targets`` is empty or names a site twice, or ``task.timeout`` is not > 0.
     """
 
     def __init__(self, task: Task, targets: Sequence[str]) -> None:

@@ -319,3 +319,49 @@ def test_cancelling_a_relay_stops_the_current_hop() -> None:
         ("s1", "ok"), ("s2", "cancelled"), ("s3", "cancelled"),
     ]  # fmt: skip
     assert stopped == ["s2"]
+
+
+def test_a_fold_bug_propagates_and_releases_the_remaining_sites() -> None:
+    stopped: list[str] = []
+
+    async def slow(site: str, task: Task) -> Any:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            stopped.append(site)
+            raise
+
+    def buggy_fold(result: TaskResult) -> None:
+        raise KeyError("not a ProtocolError: a bug in the controller")
+
+    async def main() -> None:
+        dispatcher = LocalDispatcher({"fast": echo, "slow": slow})
+        with pytest.raises(KeyError):
+            await dispatcher.broadcast_and_wait(Task("train", 1), fold=buggy_fold)
+
+    asyncio.run(main())
+
+    assert stopped == ["slow"]
+
+
+def test_cancelling_the_waiting_controller_stops_every_pending_site() -> None:
+    stopped: list[str] = []
+
+    async def slow(site: str, task: Task) -> Any:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            stopped.append(site)
+            raise
+
+    async def main() -> None:
+        dispatcher = LocalDispatcher({"s1": slow, "s2": slow, "s3": echo})
+        waiting = asyncio.ensure_future(dispatcher.broadcast_and_wait(Task("train", 1)))
+        await asyncio.sleep(0.02)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(main())
+
+    assert sorted(stopped) == ["s1", "s2"]
