@@ -38,7 +38,10 @@ __all__ = ["MAX_SITES", "PEERS", "ensure_peer", "run_peer"]
 
 PEERS = tuple(PEER_REQUIREMENTS)
 PEERS_DIR = Path(__file__).resolve().parent
-PEER_SCRIPTS = {"nvflare": PEERS_DIR / "nvflare_rounds.py", "flower": PEERS_DIR / "flower_rounds.py"}
+PEER_SCRIPTS = {
+    "nvflare": PEERS_DIR / "nvflare_rounds.py",
+    "flower": PEERS_DIR / "flower_rounds.py",
+}
 # NVIDIA FLARE's simulator runs a process per site (about 0.4 GiB each on this workload):
 # past 32 sites it would take the whole 24 GiB machine.
 MAX_SITES = {"nvflare": 32, "flower": 1000}

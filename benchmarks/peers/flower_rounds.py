@@ -16,9 +16,9 @@ and per-run app install that ``flwr run`` adds to start-up.
 
 Offline and loopback: telemetry, the update check, Ray's usage stats and the run-time dependency
 install are switched off, and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray's listeners on
-127.0.0.1; all are set before Flower or Ray is imported. ``HOME`` points into a scratch folder
-(``~/.flwr`` stays there), so does ``RAY_TMPDIR`` (Ray's session files and sockets), and this folder goes on ``PYTHONPATH`` so that
-Ray's actor processes import ``peer_workload``.
+127.0.0.1; all are set before Flower or Ray is imported. ``HOME``, ``TMPDIR`` and ``RAY_TMPDIR``
+(Ray's session files and sockets) point into a scratch folder, and this folder goes on
+``PYTHONPATH`` so that Ray's actor processes import ``peer_workload``.
 
 Timing. The strategy calls its ``evaluate_fn`` before round 1 and after every round's
 aggregation, on the server side; each call records ``time.time()``, so the calls give the first
@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="scratch folder for HOME (default: a temp folder)")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedcell-flower-"))
-    (workdir / "home").mkdir(parents=True, exist_ok=True)
+    for scratch in ("home", "tmp"):
+        (workdir / scratch).mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(workdir / "tmp")
+    tempfile.tempdir = None  # the peer's own temporary files go to the scratch folder too
     os.environ.update(OFFLINE_ENVIRONMENT)
     os.environ["HOME"] = str(workdir / "home")
     os.environ["RAY_TMPDIR"] = str(workdir)

@@ -7,8 +7,8 @@ Run with the NVIDIA FLARE virtualenv's python (``benchmarks.peers.run_peer`` doe
 The job is the 2.9 recipe path: ``FedAvgRecipe`` (PyTorch) with the model given by class path
 (``{"class_path": "peer_workload.RoundsMLP", "args": {}}``, which saves a model copy in the job
 process), the client-API script ``nvflare_client.py`` at each site, run by ``SimEnv`` and
-``recipe.execute``. ``HOME`` and the simulator workspace point into a scratch folder so that no
-``~/.nvflare`` setting leaks in or out.
+``recipe.execute``. ``HOME``, ``TMPDIR`` and the simulator workspace point into a scratch folder,
+so that no ``~/.nvflare`` setting leaks in or out and nothing is left behind.
 
 Timing. NVIDIA FLARE's FedAvg controller logs ``Round <r> started.`` at each round start and
 ``Finished FedAvg.`` after the last one, with millisecond timestamps, in the server's JSON log
@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="scratch folder for HOME and the workspace (default: a temp folder)")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedcell-nvflare-"))
-    (workdir / "home").mkdir(parents=True, exist_ok=True)
+    for scratch in ("home", "tmp"):
+        (workdir / scratch).mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(workdir / "tmp")
+    tempfile.tempdir = None  # the peer's own temporary files go to the scratch folder too
     os.environ["HOME"] = str(workdir / "home")
     os.environ.pop("NVFLARE_SIMULATOR_WORKSPACE_ROOT", None)
     os.environ["PYTHONPATH"] = os.pathsep.join(
