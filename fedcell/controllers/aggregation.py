@@ -47,6 +47,7 @@ from fedcell.errors import ProtocolError
 from fedcell.fl_model import FLModel, ParamsType
 
 __all__ = [
+    "ADD_BLOCK_ELEMENTS",
     "FLOAT64_ACCUMULATOR_LIMIT",
     "WeightedMean",
     "add_into",
@@ -89,12 +90,23 @@ def zeros_like(value: Any, dtype_name: str) -> Any:
     return torch.zeros(value.shape, dtype=getattr(torch, dtype_name))
 
 
+#: numpy has no fused ``a += w * x``: it is done in blocks of this many elements, so the
+#: temporary ``w * x`` costs 8 MiB at most instead of a whole parameter.
+ADD_BLOCK_ELEMENTS = 1 << 20
+
+
 def add_into(accumulator: Any, value: Any, weight: float) -> None:
-    """``accumulator += weight * value`` in place (``value`` in the accumulator's library)."""
-    if isinstance(accumulator, np.ndarray):
-        accumulator += weight * value
-    else:
+    """``accumulator += weight * value`` in place (``value`` in the accumulator's library;
+    ``accumulator`` contiguous, as :func:`zeros_like` makes it)."""
+    if not isinstance(accumulator, np.ndarray):
         accumulator.add_(value, alpha=weight)
+    elif weight == 1.0:
+        accumulator += value  # casts in small internal buffers: no temporary
+    else:
+        target, source = accumulator.reshape(-1), np.ravel(value)
+        for start in range(0, target.size, ADD_BLOCK_ELEMENTS):
+            block = slice(start, start + ADD_BLOCK_ELEMENTS)
+            target[block] += weight * source[block]
 
 
 def cast_like(value: Any, reference: Any) -> Any:

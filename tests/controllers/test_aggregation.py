@@ -180,3 +180,15 @@ def test_metrics_only_mean_ignores_params() -> None:
 
     assert mean.mean() == {}
     assert mean.metrics() == pytest.approx({"accuracy": 0.5})
+
+
+def test_blocked_numpy_accumulation_matches_the_plain_formula(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(aggregation, "ADD_BLOCK_ELEMENTS", 3)
+    accumulator = np.ones((4, 5))
+    value = np.arange(40.0, dtype=np.float32).reshape(5, 8)[:, ::2].T  # non-contiguous (4, 5)
+
+    aggregation.add_into(accumulator, value, 0.5)
+
+    np.testing.assert_array_equal(accumulator, 1.0 + 0.5 * value.astype(np.float64))
