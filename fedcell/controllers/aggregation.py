@@ -26,7 +26,11 @@ accumulator is float64 when the whole model has at most :data:`FLOAT64_ACCUMULAT
 elements (≤ 64 MiB of accumulator, where exactness is free), float32 above that (float64
 parameters always accumulate in float64). So bf16/fp16 models are summed in at least float32
 rather than in their own 8-bit mantissa, and a large float32 model costs one extra S. Results come
-back in each reference parameter's dtype (integers rounded), so bf16 stays bf16.
+back in each reference parameter's dtype (integers rounded), so bf16 stays bf16. Folding adds no
+whole-model temporaries (torch ``add_(alpha=w)``; numpy in blocks of
+:data:`ADD_BLOCK_ELEMENTS`). So a large float32 model's round holds the global model, the
+accumulator and the one result being folded: 3·S. Getting down to 2·S would need each result
+folded chunk by chunk while it streams in. This module does not do that.
 
 Arrays stay in the reference's library: numpy references accumulate with numpy, torch references
 with torch (CPU), and a site's tensor of the other library is converted on the way in. All
