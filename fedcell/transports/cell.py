@@ -157,6 +157,7 @@ STREAM_CHANNEL = "_fc.stream"
 RESERVED_PREFIX = "_fc."
 TIMEOUT_HEADER = "_fc.timeout"
 FOR_HEADER = "_fc.for"
+_GOODBYE = "it said goodbye"
 
 Handler = Callable[[Message], Awaitable[Any]]
 PeerEvent = Literal["joined", "left"]
@@ -631,7 +632,8 @@ class Cell:
         )
         via = self._route(target)
         key = (message.envelope.msg_id, target)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending[key] = _Pending(future, via)
         try:
             try:
@@ -641,12 +643,20 @@ class Cell:
                 if failure is not None:
                     raise failure from None  # the target was declared gone mid-stream
                 raise
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            self._counters.timed_out += 1
-            raise RequestTimeoutError(
+            if future.done():
+                return future.result()
+            # A timer handle instead of asyncio.wait_for: no extra task or waiter per request.
+            expiry = RequestTimeoutError(
                 f"no reply from {target!r} on channel {channel!r} within {timeout} s"
-            ) from None
+            )
+            timer = loop.call_later(timeout, _fail_unless_done, future, expiry)
+            try:
+                return await future
+            finally:
+                timer.cancel()
+        except RequestTimeoutError:
+            self._counters.timed_out += 1
+            raise
         finally:
             self._pending.pop(key, None)
 
@@ -1020,7 +1030,8 @@ class Cell:
         if self._neighbours.get(name) is link:
             del self._neighbours[name]
         self._counters.peers_lost += 1
-        log.warning("%s: peer %r is gone (%s)", self._name, name, reason)
+        level = logging.INFO if reason == _GOODBYE else logging.WARNING
+        log.log(level, "%s: peer %r is gone (%s)", self._name, name, reason)
         for pending in self._pending.values():
             if pending.via == name and not pending.future.done():
                 pending.future.set_exception(
@@ -1217,7 +1228,7 @@ class Cell:
             self._link_lost(link, "it does not know this cell (restarted?)")
             self._send_control_nowait(link, "hello", self._hello_payload())
         elif topic == "bye":
-            self._link_lost(link, "it said goodbye")
+            self._link_lost(link, _GOODBYE)
             if link.url is None:
                 self._spawn(self._drop_link(link))
         else:
@@ -1299,6 +1310,11 @@ class Cell:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: background task failed", self._name, exc_info=task.exception())
+
+
+def _fail_unless_done(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _error_from_payload(payload: Any, sender: str) -> CellError:
