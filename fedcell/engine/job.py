@@ -36,13 +36,16 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import networkx as nx
 
 from fedcell.engine.dispatcher import Controller
 from fedcell.engine.scheduler import NodeSpec
 from fedcell.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedcell.engine.simulator import SimulationResult
 
 __all__ = ["ExecutorBinding", "Job", "JobNode"]
 
@@ -349,6 +352,12 @@ class Job:
         return problems
 
     # ------------------------------------------------------------------ job folders
+
+    def simulate(self, n_clients: int | None = None, **options: Any) -> SimulationResult:
+        """Run this job on simulated sites; see :func:`fedcell.engine.simulator.simulate`."""
+        from fedcell.engine.simulator import simulate
+
+        return simulate(self, n_clients, **options)
 
     def export(self, directory: str | Path, *, format: ConfigFormat = "json") -> Path:
         """Write this job as a job folder; return the config file's path.

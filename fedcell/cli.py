@@ -1,0 +1,109 @@
+"""The ``fedcell`` command line.
+
+``fedcell simulate JOB -n N`` runs a job on simulated sites. ``JOB`` is either a job folder
+(``job.json``/``job.yaml``/``job.toml`` + ``custom/``, as :meth:`Job.export` writes it) or a
+Python file that defines a module-level ``job`` (a :class:`~fedcell.engine.job.Job`) or a
+``make_job()`` function returning one; the file's folder is put on ``sys.path`` first, as
+``python file.py`` would.
+"""
+
+from __future__ import annotations
+
+import logging
+import runpy
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from fedcell import __version__
+
+if TYPE_CHECKING:
+    from fedcell.engine.job import Job
+
+__all__ = ["main"]
+
+
+def _load_job(source: Path) -> Job:
+    from fedcell.engine.job import Job
+    from fedcell.errors import ConfigError
+
+    if source.is_dir():
+        return Job.load(source)
+    if source.suffix != ".py":
+        raise ConfigError(f"{source}: expected a job folder or a Python file defining `job`")
+    folder = str(source.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    namespace = runpy.run_path(str(source), run_name="fedcell_job")
+    job = namespace.get("job")
+    if job is None and callable(namespace.get("make_job")):
+        job = namespace["make_job"]()
+    if not isinstance(job, Job):
+        raise ConfigError(f"{source} defines neither `job` nor `make_job()` returning a Job")
+    return job
+
+
+@click.group()
+@click.version_option(__version__, prog_name="fedcell")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """fedcell: federated-learning workflows as DAG jobs over cells."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@main.command()
+@click.argument("job_source", metavar="JOB", type=click.Path(exists=True, path_type=Path))
+@click.option("-n", "--n-clients", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--mode",
+    type=click.Choice(["threads", "processes"]),
+    default="threads",
+    show_default=True,
+    help="Sites as threads over inproc, or as processes over ipc.",
+)
+@click.option(
+    "-w",
+    "--workspace",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Results folder (default: ./results/<job>-<id>).",
+)
+@click.option("--quiet", is_flag=True, help="No live progress display.")
+def simulate(
+    job_source: Path, n_clients: int, mode: str, workspace: Path | None, quiet: bool
+) -> None:
+    """Run JOB on N simulated sites and print the metrics table."""
+    from fedcell.engine.simulator import simulate as run
+    from fedcell.errors import FedcellError
+
+    console = Console()
+    try:
+        job = _load_job(job_source)
+        result = run(job, n_clients, mode=mode, workspace=workspace, progress=not quiet)  # type: ignore[arg-type]
+    except FedcellError as exc:
+        raise click.ClickException(str(exc)) from exc
+    table = Table(title=f"{job.name}: {result.job.state.value} in {result.job.duration:.2f} s")
+    table.add_column("node")
+    table.add_column("state")
+    table.add_column("seconds", justify="right")
+    table.add_column("final metrics")
+    for name, node in result.job.nodes.items():
+        metrics = getattr(node.output, "metrics", None) or {}
+        shown = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+        )
+        seconds = f"{node.duration:.2f}" if node.duration is not None else "-"
+        table.add_row(name, node.state.value, seconds, shown or (node.error or ""))
+    console.print(table)
+    console.print(f"results: {result.workspace}")
+    if not result.ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
