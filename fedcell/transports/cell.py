@@ -95,7 +95,15 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -674,7 +682,39 @@ class Cell:
 
         The payload is encoded once. A target that cannot be reached, fails, or does not answer
         within ``timeout`` maps to its exception (UnreachableError, RemoteError,
-        RequestTimeoutError, ...) instead of failing the whole call.
+        RequestTimeoutError, ...) instead of failing the whole call. To handle replies as they
+        arrive (and drop each after use), iterate :meth:`broadcast_replies` instead.
+
+        Raises
+        ------
+        EncodeError
+            If the payload holds a type the wire does not carry.
+        """
+        names = list(dict.fromkeys(targets))
+        results: dict[str, Any] = {}
+        replies = self.broadcast_replies(
+            names, channel, payload, topic=topic, timeout=timeout, headers=headers
+        )
+        async with contextlib.aclosing(replies):
+            async for name, outcome in replies:
+                results[name] = outcome
+        return {name: results[name] for name in names}
+
+    async def broadcast_replies(
+        self,
+        targets: Iterable[str],
+        channel: str,
+        payload: Any = None,
+        *,
+        topic: str = "",
+        timeout: float = 5.0,
+        headers: Mapping[str, HeaderValue] | None = None,
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        """Send one request to several cells; yield ``(target, reply or exception)`` as each
+        reply arrives (unreachable targets first, timed-out ones last).
+
+        The payload is encoded once. Once yielded, a reply is no longer referenced by the cell,
+        so a consumer that folds each reply into an aggregate holds one reply at a time.
 
         Raises
         ------
@@ -682,7 +722,6 @@ class Cell:
             If the payload holds a type the wire does not carry.
         """
         self._check_running()
-        names = list(dict.fromkeys(targets))
         base = Envelope(
             sender=self._name,
             receiver="",
@@ -697,20 +736,22 @@ class Cell:
             self._stream is not None and codec.payload_nbytes(buffers) > self._stream.threshold
         )
         loop = asyncio.get_running_loop()
-        results: dict[str, Any] = {}
-        futures: dict[str, asyncio.Future[Any]] = {}
-        stream_targets: list[str] = []
-        for name in names:
+        unreachable: list[tuple[str, UnreachableError]] = []
+        waiting: dict[asyncio.Future[Any], str] = {}
+        for name in dict.fromkeys(targets):
             try:
                 via = self._route(name)
             except UnreachableError as exc:
-                results[name] = exc
+                unreachable.append((name, exc))
                 continue
             future: asyncio.Future[Any] = loop.create_future()
-            futures[name] = future
+            waiting[future] = name
             self._pending[(base.msg_id, name)] = _Pending(future, via)
         try:
-            for name, future in futures.items():
+            for name, unreachable_error in unreachable:
+                yield name, unreachable_error
+            stream_targets: list[str] = []
+            for future, name in waiting.items():
                 envelope = replace(base, receiver=name)
                 via = self._pending[(base.msg_id, name)].via
                 if streamed and via is not None:
@@ -721,32 +762,38 @@ class Cell:
                         envelope, [pack_envelope(envelope), tree_frame, *buffers], via
                     )
                 except FedcellError as exc:
-                    if not future.done():
-                        future.set_exception(exc)
+                    _fail_unless_done(future, exc)
             if stream_targets and self._stream is not None:
                 failures = await self._stream.broadcast_message(
                     stream_targets, Message(replace(base, receiver=stream_targets[0]), payload)
                 )
+                by_name = {name: future for future, name in waiting.items()}
                 for name, failure in failures.items():
-                    if failure is not None and not futures[name].done():
-                        futures[name].set_exception(failure)
-            if futures:
-                await asyncio.wait(futures.values(), timeout=timeout)
-            for name, future in futures.items():
-                if not future.done():
-                    future.cancel()
-                    self._counters.timed_out += 1
-                    results[name] = RequestTimeoutError(
-                        f"no reply from {name!r} on channel {channel!r} within {timeout} s"
-                    )
-                elif future.exception() is not None:
-                    results[name] = future.exception()
-                else:
-                    results[name] = future.result()
-        finally:
-            for name in futures:
+                    if failure is not None:
+                        _fail_unless_done(by_name[name], failure)
+            deadline = loop.time() + timeout
+            while waiting and (remaining := deadline - loop.time()) > 0:
+                done, _ = await asyncio.wait(
+                    waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                for future in done:
+                    name = waiting.pop(future)
+                    self._pending.pop((base.msg_id, name), None)
+                    failure = future.exception()
+                    yield name, failure if failure is not None else future.result()
+            for future, name in list(waiting.items()):
+                del waiting[future]
                 self._pending.pop((base.msg_id, name), None)
-        return {name: results[name] for name in names}
+                self._counters.timed_out += 1
+                yield (
+                    name,
+                    RequestTimeoutError(
+                        f"no reply from {name!r} on channel {channel!r} within {timeout} s"
+                    ),
+                )
+        finally:
+            for name in waiting.values():
+                self._pending.pop((base.msg_id, name), None)
 
     async def send_file(
         self,
@@ -903,7 +950,7 @@ class Cell:
         )
         pending = None
         if env.correlation_id is not None and isinstance(target, str):
-            pending = self._pending.get((env.correlation_id, target))
+            pending = self._pending.pop((env.correlation_id, target), None)
         if pending is None or pending.future.done():
             self._drop(f"{env.kind} from {env.sender!r} matches no pending request (late?)")
             return

@@ -574,3 +574,35 @@ def test_a_parent_that_does_not_know_the_child_gets_a_new_hello() -> None:
         await parent.close()
 
     run(main)
+
+
+def test_broadcast_replies_arrive_in_completion_order_and_release_the_cell() -> None:
+    async def main() -> None:
+        async with star("site-1", "site-2", "site-3") as cells:
+            # Prepare: site-1 answers after site-2 and site-3
+            async def late(message: Message) -> str:
+                await asyncio.sleep(0.2)
+                return "late"
+
+            cells["site-1"].unregister("echo")
+            cells["site-1"].register("echo", late)
+            server = cells["server"]
+
+            # Execute
+            order = [
+                name
+                async for name, _ in server.broadcast_replies(
+                    ["site-1", "site-2", "nobody", "site-3"], "echo", 1, timeout=5
+                )
+            ]
+
+            # Assert
+            assert order[0] == "nobody" and order[-1] == "site-1"
+            assert set(order[1:3]) == {"site-2", "site-3"}
+            replies = server.broadcast_replies(["site-1", "site-2"], "echo", 2, timeout=5)
+            first = await anext(replies)
+            assert first[0] == "site-2"
+            await replies.aclose()  # stop early: nothing stays pending
+            assert server.statistics().pending_requests == 0
+
+    run(main)
