@@ -4,7 +4,8 @@ A cell is a named endpoint (``server``, ``site-1``, ``site-1.job-7``). It may *l
 (children and direct peers connect to it), connect to one *parent*, and open direct links to other
 cells (:meth:`Cell.connect`). Application code registers async handlers per channel (and topic) and
 talks to other cells by name: :meth:`~Cell.send` (fire-and-forget), :meth:`~Cell.request` (one
-reply), :meth:`~Cell.broadcast` (one reply per target), :meth:`~Cell.send_file`.
+reply), :meth:`~Cell.broadcast` / :meth:`~Cell.broadcast_replies` (one request, encoded once, to
+many targets; replies collected, or yielded as they arrive), :meth:`~Cell.send_file`.
 
 Links and the handshake
 -----------------------
@@ -85,7 +86,18 @@ Messages whose raw buffers exceed the stream threshold travel through the stream
 (:class:`~fedcell.transports.stream.StreamEndpoint`) end to end: its frames are wrapped in
 envelopes on channel ``_fc.stream`` and routed (and relayed, untouched) like any message; at the
 destination their frames after the envelope go to ``StreamEndpoint.handle`` without codec
-decoding, and the reassembled message is dispatched as if it had arrived whole.
+decoding, and the reassembled message is dispatched as if it had arrived whole (its own route is
+empty: the relays are recorded on the stream frames). Replies stream too, so a site's large model
+update travels back the same way. Streams are end to end, so relays hold no stream state; when a
+neighbour is declared gone, the streams to cells now unreachable are cancelled at once, and a
+request whose stream was cancelled that way raises UnreachableError. Files (:meth:`Cell.send_file`)
+land where the receiving cell's ``file_sink`` says (none: files are refused).
+
+Measured (``tests/transports/cell_bench.py``, 2 shared cores): a request/reply round trip costs
+about 60 µs over inproc (about 12 µs of it the transport), about 300 µs over tcp with both cells
+on one event loop (about 200 µs of it the ZeroMQ transport), about 400 µs to a server process;
+one broadcast of a tiny model to 8 sites with their replies about 1 ms (inproc) and 2.5 ms (8 site
+processes over tcp).
 """
 
 from __future__ import annotations
