@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedcell.errors import StreamError
-from fedcell.transports.cell import Cell, CellConfig
-from fedcell.transports.message import Message
+from fedcell.errors import StreamError, UnreachableError
+from fedcell.transports import connect
+from fedcell.transports.cell import CONTROL_CHANNEL, Cell, CellConfig
+from fedcell.transports.message import Message, to_wire
 from fedcell.transports.stream import ReceivedFile, StreamConfig, directory_sink
 
 KiB = 1024
@@ -122,3 +124,33 @@ def test_send_file_lands_in_the_sink_and_reaches_the_handler(tmp_path: Path) -> 
                 await cells["site-1"].send_file("site-3", source, channel="files")
 
     asyncio.run(main())
+
+
+def test_a_streamed_request_to_a_peer_that_goes_silent_fails_as_unreachable() -> None:
+    async def main() -> None:
+        async with star() as cells:
+            # Prepare: a raw peer completes the handshake, then never answers (no GRANT, no ping)
+            server = cells["server"]
+            mute = await connect(server.url)
+            hello = Message.create(
+                "mute", "", CONTROL_CHANNEL, {"name": "mute", "claims": {}}, topic="hello"
+            )
+            await mute.send(to_wire(hello))
+            await asyncio.wait_for(_until(lambda: "mute" in server.peers), 5)
+
+            # Execute
+            start = time.monotonic()
+            with pytest.raises(UnreachableError, match="'mute' is gone"):
+                await server.request("mute", "double", model(3), timeout=60)
+
+            # Assert: failed at the peer timeout, long before the stream's stall timeout
+            assert time.monotonic() - start < CONFIG.peer_timeout + 2
+            assert server.statistics().streams.open_outbound == 0
+            await mute.close()
+
+    asyncio.run(main())
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
