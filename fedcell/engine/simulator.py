@@ -300,7 +300,8 @@ def _write_results(result: JobResult, root: Path) -> SimulationResult:
             model_files[name] = _save_model(output, root / f"{name}.model")
         history = output.meta.get("history", []) if isinstance(output, FLModel) else []
         for record in history:
-            rows.append({"node": name, "round": record.get("round"), **record.get("metrics", {})})
+            metrics = {k: v for k, v in record.get("metrics", {}).items() if k not in ("node", "round")}
+            rows.append({"node": name, "round": record.get("round"), **metrics})
     metrics_file = root / "metrics.csv"
     columns = list(dict.fromkeys(key for row in rows for key in row)) or ["node", "round"]
     with metrics_file.open("w", newline="") as fh:
