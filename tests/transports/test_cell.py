@@ -29,7 +29,8 @@ from fedcell.transports.base import Buffer, Connection
 from fedcell.transports.cell import CONTROL_CHANNEL, Cell, CellConfig, Hello
 from fedcell.transports.message import Envelope, Message, pack_envelope, to_wire, unpack_envelope
 
-FAST = CellConfig(heartbeat_interval=0.05, peer_timeout=0.4, connect_timeout=2.0)
+# Short enough for liveness tests, long enough for a shared, loaded machine.
+FAST = CellConfig(heartbeat_interval=0.1, peer_timeout=1.0, connect_timeout=5.0)
 _urls = itertools.count()
 
 
