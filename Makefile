@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml setup.cfg
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m fedcell.demo
+	$(VENV)/bin/fedcell simulate examples/hello-pytorch/job.py -n 2
 
 test: setup
 	$(PY) -m ruff check fedcell tests benchmarks examples

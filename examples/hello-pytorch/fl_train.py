@@ -14,10 +14,11 @@ import fedcell.client as flare  # for NVIDIA FLARE: import nvflare.client as fla
 
 def main() -> None:
     flare.init()
+    lr = flare.get_config().get("lr", 0.05)  # examples/dag sets it per branch
     torch.manual_seed(0)
     train_loader, test_loader = make_data(site=flare.get_site_name())
     net = Net()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
     while flare.is_running():

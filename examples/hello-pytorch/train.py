@@ -10,10 +10,11 @@ EPOCHS = 5
 
 
 def main() -> None:
+    lr = 0.05
     torch.manual_seed(0)
     train_loader, test_loader = make_data(site="site-1")
     net = Net()
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
     for epoch in range(EPOCHS):
