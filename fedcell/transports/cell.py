@@ -308,6 +308,7 @@ class _Link:
         "attached",
         "conn",
         "detached_since",
+        "failed_reconnects",
         "last_seen",
         "name",
         "reader",
@@ -325,6 +326,7 @@ class _Link:
         self.detached_since = now
         self.reader: asyncio.Task[None] | None = None
         self.welcome: asyncio.Future[str] | None = None
+        self.failed_reconnects = 0
 
     def describe(self) -> str:
         return repr(self.name) if self.name else self.conn.peer
@@ -1165,9 +1167,12 @@ class Cell:
         try:
             conn = await get_transport(link.url, self._config.transport).connect(link.url)
         except ConnectError as exc:
-            log.info("%s: reconnecting to %s failed: %s", self._name, link.url, exc)
+            link.failed_reconnects += 1
+            level = logging.INFO if link.failed_reconnects == 1 else logging.DEBUG
+            log.log(level, "%s: reconnecting to %s failed: %s", self._name, link.url, exc)
             return
-        log.info("%s: reconnected to %s, saying hello", self._name, link.url)
+        link.failed_reconnects = 0
+        log.debug("%s: new connection to %s, saying hello", self._name, link.url)
         self._attach_connection(link, conn)
         self._send_control_nowait(link, "hello", self._hello_payload())
 

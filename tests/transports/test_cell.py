@@ -607,3 +607,34 @@ def test_broadcast_replies_arrive_in_completion_order_and_release_the_cell() -> 
             assert server.statistics().pending_requests == 0
 
     run(main)
+
+
+def test_a_direct_link_bypasses_the_server_and_falls_back_to_it_when_lost() -> None:
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            # Prepare: site-1 also listens; site-2 opens a direct link to it
+            server = await stack.enter_async_context(
+                Cell("server", listen=inproc_url(), config=FAST)
+            )
+            site1 = await stack.enter_async_context(
+                Cell("site-1", listen=inproc_url(), parent=server.url, config=FAST)
+            )
+            site2 = await stack.enter_async_context(Cell("site-2", parent=server.url, config=FAST))
+            for cell in (site1, site2):
+                cell.register("echo", echo)
+
+            # Execute / Assert: direct both ways
+            assert await site2.connect(site1.url) == "site-1"
+            assert site2.peers == ("server", "site-1") and "site-2" in site1.peers
+            assert (await site2.request("site-1", "echo", 1))["route"] == []
+            assert (await site1.request("site-2", "echo", 2))["route"] == []
+            with pytest.raises(CellError, match="taken by a live cell"):
+                await site2.connect(site1.url)
+
+            # the direct link goes away: traffic relays through the server again
+            await site1.stop()
+            site1 = await stack.enter_async_context(Cell("site-1", parent=server.url, config=FAST))
+            site1.register("echo", echo)
+            assert (await site2.request("site-1", "echo", 3))["route"] == ["server"]
+
+    run(main)
