@@ -1187,9 +1187,10 @@ class Cell:
             self._on_control(link, envelope, frames)
             return
         if not link.attached:
-            self._drop(
-                f"{envelope.kind} from unknown connection {link.conn.peer}; asking who it is"
-            )
+            if link.url is not None:  # our own link, not welcomed (yet again): hello is under way
+                self._drop(f"{envelope.kind} from {link.describe()} before its welcome")
+                return
+            self._drop(f"{envelope.kind} from unknown connection {link.conn.peer}; asking who")
             self._send_control_nowait(link, "who")
             return
         last_hop = envelope.route[-1] if envelope.route else envelope.sender
