@@ -181,8 +181,22 @@ def _to_received(frames: list[zmq.Frame], copy_threshold: int) -> list[Buffer]:
 
 
 def _sync_view(sock: zmq.asyncio.Socket) -> zmq.Socket[bytes]:
-    """A blocking-API view of ``sock`` (not owning it) for non-blocking fast-path calls."""
+    """A blocking-API view of ``sock`` (not owning it) for non-blocking fast-path calls.
+
+    Every call through it must be followed by :func:`_rearm` on ``sock``.
+    """
     return zmq.Socket.shadow(sock.underlying)
+
+
+def _rearm(sock: zmq.asyncio.Socket) -> None:
+    """Let pyzmq's asyncio wrapper re-check ``sock`` after a call through its sync view.
+
+    ZeroMQ's socket fd is edge-triggered: a send or poll made outside the wrapper can consume
+    the edge that would have woken a pending ``recv``, which then sleeps forever while messages
+    wait (seen as a peer going silent after its first exchange). pyzmq re-checks after its own
+    operations; this does the same after ours.
+    """
+    sock._schedule_remaining_events()  # type: ignore[attr-defined]
 
 
 class _Mailbox:
@@ -331,7 +345,11 @@ class ZmqConnection(Connection):
                 pass
             except zmq.ZMQError as exc:
                 raise self._send_error(exc) from exc
-            if sync.poll(0, zmq.POLLOUT):
+            finally:
+                _rearm(sock)
+            writable = sync.poll(0, zmq.POLLOUT)
+            _rearm(sock)
+            if writable:
                 # Another pipe of this ROUTER is writable, not ours: retry after a backoff.
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
@@ -369,14 +387,17 @@ class ZmqConnection(Connection):
         """
         self._check_open()
         parts, _ = self._parts(frames, track=False)
+        sock, sync = self._sockets()
         try:
-            self._sockets()[1].send_multipart(parts, flags=zmq.NOBLOCK)
+            sync.send_multipart(parts, flags=zmq.NOBLOCK)
         except zmq.Again as exc:
             raise WouldBlockError(
                 f"send queue to {self.peer} is full ({self._options.queue_size} messages)"
             ) from exc
         except zmq.ZMQError as exc:
             raise self._send_error(exc) from exc
+        finally:
+            _rearm(sock)
         self._count_sent(frames)
 
     async def recv(self) -> list[Buffer]:
@@ -418,6 +439,7 @@ class ZmqClientConnection(ZmqConnection):
             self._dealer.connect(url)
             # The first message in the pipe, so it reaches the listener before any data.
             self._sync.send(TAG_HELLO, flags=zmq.NOBLOCK)
+            _rearm(self._dealer)
         except zmq.ZMQError as exc:
             self._close_sockets()
             raise _map_zmq_error(exc, f"connect to {url}") from exc
@@ -453,6 +475,7 @@ class ZmqClientConnection(ZmqConnection):
                 # Announce this identity to a (possibly restarted) listener at once.
                 with contextlib.suppress(zmq.Again):
                     self._sync.send(TAG_HELLO, flags=zmq.NOBLOCK)
+                _rearm(self._dealer)
                 self._notify_state_safely("connected")
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self._notify_state_safely("disconnected")
