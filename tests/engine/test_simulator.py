@@ -144,3 +144,29 @@ def test_lost_site_is_crashed_not_failed_and_unknown_job_is_refused() -> None:
             await server.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_sites_as_real_processes(tmp_path: Path, transport: str) -> None:
+    # Execute: each site is a child process that loads the exported job folder.
+    result = simulate(
+        numpy_job(rounds=3), 2, mode="processes", transport=transport, workspace=tmp_path
+    )  # type: ignore[arg-type]
+    # Assert
+    assert result.ok, result.job.reason
+    np.testing.assert_array_equal(result.job.output("train").params["w"], np.full((3, 4), 3.0))
+    for site in ("site-1", "site-2"):
+        log = (tmp_path / f"{site}.log").read_text()
+        assert f"{site}: linked to 'server'" in log
+
+
+@pytest.mark.integration
+def test_hello_pytorch_with_site_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = EXAMPLES / "hello-pytorch"
+    monkeypatch.syspath_prepend(str(folder))
+    job = runpy.run_path(str(folder / "job.py"), run_name="example")["make_job"](rounds=2)
+    result = job.simulate(n_clients=2, mode="processes", workspace=tmp_path)
+    assert result.ok, result.job.reason
+    assert [len(r["ok"]) for r in result.job.output("train").meta["history"]] == [2, 2]
+    sys.modules.pop("model", None)
