@@ -196,7 +196,7 @@ def _rearm(sock: zmq.asyncio.Socket) -> None:
     wait (seen as a peer going silent after its first exchange). pyzmq re-checks after its own
     operations; this does the same after ours.
     """
-    sock._schedule_remaining_events()  # type: ignore[attr-defined]
+    sock._schedule_remaining_events()  # type: ignore[operator]  # private, see docstring
 
 
 class _Mailbox:
@@ -481,10 +481,12 @@ class ZmqClientConnection(ZmqConnection):
                 self._notify_state_safely("disconnected")
 
     def _notify_state_safely(self, state: ConnectionState) -> None:
-        try:
-            self._notify_state(state)
-        except Exception:
-            logger.exception("a state listener of %s raised on %r", self.peer, state)
+        # One failing listener must neither stop the others nor kill the monitor task.
+        for listener in list(self._state_listeners):
+            try:
+                listener(state)
+            except Exception:
+                logger.exception("a state listener of %s raised on %r", self.peer, state)
 
     def _close_sockets(self) -> None:
         if self._monitor is not None:
