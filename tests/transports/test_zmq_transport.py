@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -319,6 +320,29 @@ def test_ipc_wildcard_reports_the_path_it_bound(tmp_path: Path) -> None:
             assert listener.url == f"ipc://{tmp_path}/named.sock"
             assert os.path.exists(f"{tmp_path}/named.sock")
         finally:
+            await listener.close()
+
+    asyncio.run(main())
+
+
+def test_a_waiting_reader_wakes_although_a_send_consumed_the_socket_signal() -> None:
+    """ZeroMQ's fd is edge-triggered: a send through the sync view can swallow the signal that
+    a message arrived; the transport must re-arm pyzmq's asyncio wake-up after such calls."""
+
+    async def main() -> None:
+        transport = ZmqTransport()
+        listener = await transport.listen("tcp://127.0.0.1:0")
+        client = await transport.connect(listener.url)
+        try:
+            server = await asyncio.wait_for(listener.accept(), TIMEOUT_S)
+            for _ in range(5):
+                await server.send([b"to-client"])
+                time.sleep(0.02)  # blocking on purpose: the message reaches the client socket
+                client.send_nowait([b"to-server"])  # processes the socket's pending signal
+                assert await asyncio.wait_for(client.recv(), 2) == [b"to-client"]
+                assert await asyncio.wait_for(server.recv(), 2) == [b"to-server"]
+        finally:
+            await client.close()
             await listener.close()
 
     asyncio.run(main())
