@@ -9,6 +9,7 @@ nothing when disabled (tests, ``--quiet``), so reporting costs a function call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -27,10 +28,14 @@ class ProgressEvent:
 
 
 class ProgressSink:
-    """A live display of :class:`ProgressEvent`s (a no-op when ``enabled`` is false)."""
+    """A live display of :class:`ProgressEvent`s (a no-op when ``enabled`` is false); each event
+    is also handed to ``forward`` when given."""
 
-    def __init__(self, *, enabled: bool = True) -> None:
+    def __init__(
+        self, *, enabled: bool = True, forward: Callable[[ProgressEvent], None] | None = None
+    ) -> None:
         self.enabled = enabled
+        self._forward = forward
         self.latest: dict[str, ProgressEvent] = {}
         self._progress: Any = None
         self._bars: dict[str, Any] = {}
@@ -68,6 +73,8 @@ class ProgressSink:
     def report(self, event: ProgressEvent) -> None:
         """Record ``event`` and update the node's bar."""
         self.latest[event.node] = event
+        if self._forward is not None:
+            self._forward(event)
         if self._progress is None:
             return
         shown = "  ".join(
