@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,6 @@ def child(sites: int, rounds: int, mode: str, launch_epoch: float) -> None:
     from fedcell.executors.script_runner import ScriptRunner
 
     round_ends: list[float] = []
-    started: list[float] = []
 
     def on_progress(event: ProgressEvent) -> None:
         round_ends.append(time.time())
@@ -55,7 +53,6 @@ def child(sites: int, rounds: int, mode: str, launch_epoch: float) -> None:
     job.add_file(HERE / "rounds_client.py")
     job.add_file(HERE / "peers" / "peer_workload.py")
     with tempfile.TemporaryDirectory(prefix="fedcell-rounds-") as workspace:
-        started.append(time.time())
         result = job.simulate(sites, mode=mode, workspace=workspace, progress=on_progress)
     if not result.ok:
         print(
@@ -170,7 +167,6 @@ def main() -> None:
     for key, value in report.items():
         if key.startswith("speedup"):
             print(f"{key}: {value:.0f}x")
-    _ = statistics  # (median is computed by peer_timing)
 
 
 if __name__ == "__main__":
