@@ -20,7 +20,7 @@ side that opened it says hello; the listening side decides::
 A name held by a live link (heard from within two heartbeat intervals) is refused to a second
 connection: ``start()``/``connect()`` of the impostor raise :class:`~fedcell.errors.CellError`. A
 name whose holder went silent is handed to the newcomer (a restarted site need not wait for the
-peer timeout). ``authenticate`` is the hook where the security layer binds the name to the
+peer timeout; "live" uses the listener's heartbeat interval, so a deployment uses one setting). ``authenticate`` is the hook where the security layer binds the name to the
 certificate presented in ``claims``; it returns the name to register or raises (refused).
 
 Control messages (channel ``_fc.cell``) are hop-by-hop: never routed, never relayed. Besides
@@ -51,7 +51,9 @@ An error reply (kind ``error``) carries ``{kind, type, message}`` and the header
 naming the target it answers for, because relays produce them too. ``kind`` selects the
 exception raised at the requester: ``unreachable`` → UnreachableError, ``loop`` → RouteLoopError,
 ``no-handler`` → NoHandlerError, anything else (the handler raised, the payload did not decode)
-→ RemoteError with the remote exception's type name.
+→ RemoteError with the remote exception's type name. The timeout runs from the moment the request
+was handed to its first link (for a streamed request: once the receiver verified the stream), by
+one timer handle per request.
 
 A relay remembers the requests it forwarded until their reply passes back or their timeout
 expires, so when the next hop is declared gone it answers UnreachableError for each at once:
@@ -73,6 +75,7 @@ was lost (or whose connection closed, as in-process ones do) gets a brand-new co
 
 Bad input and backpressure
 --------------------------
+A cell and all its tasks live on one asyncio event loop (no locks; not thread-safe).
 Frames that do not parse (FrameError, OversizedError), spoofed or unknown-peer messages are counted
 in :meth:`~Cell.statistics` and logged with the reason; the link keeps serving. Payloads are
 decoded only at their destination; one that does not decode gets an error reply if it was a
