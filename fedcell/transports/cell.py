@@ -765,8 +765,6 @@ class Cell:
             waiting[future] = name
             self._pending[(base.msg_id, name)] = _Pending(future, via)
         try:
-            for name, unreachable_error in unreachable:
-                yield name, unreachable_error
             stream_targets: list[str] = []
             for future, name in waiting.items():
                 envelope = replace(base, receiver=name)
@@ -788,6 +786,8 @@ class Cell:
                 for name, failure in failures.items():
                     if failure is not None:
                         _fail_unless_done(by_name[name], failure)
+            for name, unreachable_error in unreachable:
+                yield name, unreachable_error
             deadline = loop.time() + timeout
             while waiting and (remaining := deadline - loop.time()) > 0:
                 done, _ = await asyncio.wait(
