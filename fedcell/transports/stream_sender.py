@@ -341,11 +341,13 @@ class OutboundStream:
         await self.wait_until(lambda: self.sent - self.acked + chunk.raw <= self.window)
         if self._first_send is None:
             self._first_send = time.monotonic()
-        await self.send([header, *chunk.frames])
+        # Count the chunk as sent before awaiting the transport: on a fast link its ack can
+        # arrive while ``send`` still waits for ZeroMQ to release the zero-copy frames.
         self.sent += chunk.raw
         self._wire_sent += chunk.wire_nbytes
         self._marks.append((self.sent, self._wire_sent))
         self.peak_in_flight = max(self.peak_in_flight, self.sent - self.acked)
+        await self.send([header, *chunk.frames])
 
     def throughput(self) -> float | None:
         """Wire bytes per second acked over this stream, or ``None`` if too little to judge."""
