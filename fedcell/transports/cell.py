@@ -272,6 +272,8 @@ class CellStatistics:
         Messages that did not parse (FrameError / OversizedError).
     pending_requests:
         Requests of this cell waiting for their reply.
+    relayed_requests:
+        Requests this cell relayed whose reply has not passed back yet (kept until their timeout).
     requests_timed_out:
         Requests that got no reply within their timeout.
     peers_lost:
@@ -288,6 +290,7 @@ class CellStatistics:
     messages_dropped: int
     malformed_frames: int
     pending_requests: int
+    relayed_requests: int
     requests_timed_out: int
     peers_lost: int
     streams: StreamStats
@@ -582,6 +585,7 @@ class Cell:
             messages_dropped=c.dropped,
             malformed_frames=c.malformed,
             pending_requests=len(self._pending),
+            relayed_requests=len(self._relayed),
             requests_timed_out=c.timed_out,
             peers_lost=c.peers_lost,
             streams=self._stream.statistics() if self._stream is not None else StreamStats(),

@@ -638,3 +638,29 @@ def test_a_direct_link_bypasses_the_server_and_falls_back_to_it_when_lost() -> N
             assert (await site2.request("site-1", "echo", 3))["route"] == ["server"]
 
     run(main)
+
+
+def test_many_concurrent_requests_each_get_their_own_reply() -> None:
+    async def main() -> None:
+        async with star("site-1", "site-2", "site-3") as cells:
+            # Prepare: handlers that finish out of order
+            async def jittered(message: Message) -> Any:
+                await asyncio.sleep((message.payload * 7919 % 13) / 1000)
+                return message.payload
+
+            for name in ("site-2", "site-3"):
+                cells[name].register("jitter", jittered)
+            site = cells["site-1"]
+
+            # Execute
+            requests = [
+                site.request(f"site-{2 + i % 2}", "jitter", i, timeout=10) for i in range(600)
+            ]
+            replies = await asyncio.gather(*requests)
+
+            # Assert
+            assert replies == list(range(600))
+            assert site.statistics().pending_requests == 0
+            await until(lambda: cells["server"].statistics().relayed_requests == 0)
+
+    run(main)
