@@ -1136,32 +1136,38 @@ class Cell:
                 log.exception("%s: peer listener raised on (%r, %r)", self._name, name, event)
 
     async def _watchdog(self) -> None:
-        config = self._config
         while True:
-            await asyncio.sleep(config.heartbeat_interval)
-            now = time.monotonic()
-            for link in list(self._links):
-                if link.attached:
-                    silent = now - link.last_seen
-                    if silent <= config.peer_timeout:
-                        self._send_control_nowait(link, "ping")
-                        continue
-                    self._link_lost(link, f"silent for {silent:.1f} s")
-                    if link.url is None:
-                        await self._drop_link(link)
-                        continue
+            await asyncio.sleep(self._config.heartbeat_interval)
+            try:
+                await self._tick(time.monotonic())
+            except Exception:  # a bug here must not silence the heartbeats for good
+                log.exception("%s: heartbeat tick failed", self._name)
+
+    async def _tick(self, now: float) -> None:
+        """Ping live links, declare silent ones gone, re-hello or reconnect our own links."""
+        config = self._config
+        for link in list(self._links):
+            if link.attached:
+                silent = now - link.last_seen
+                if silent <= config.peer_timeout:
+                    self._send_control_nowait(link, "ping")
+                    continue
+                self._link_lost(link, f"silent for {silent:.1f} s")
                 if link.url is None:
-                    if now - link.detached_since > config.peer_timeout:
-                        await self._drop_link(link)  # connected but never introduced itself
-                elif link.welcome is not None:
-                    continue  # start()/connect() is waiting for the first answer
-                elif link.conn.closed or now - link.detached_since > config.peer_timeout:
-                    await self._reconnect(link)
-                else:
-                    self._send_control_nowait(link, "hello", self._hello_payload())
-            for key, relayed in list(self._relayed.items()):
-                if relayed.deadline < now:
-                    del self._relayed[key]
+                    await self._drop_link(link)
+                    continue
+            if link.url is None:
+                if now - link.detached_since > config.peer_timeout:
+                    await self._drop_link(link)  # connected but never introduced itself
+            elif link.welcome is not None:
+                continue  # start()/connect() is waiting for the first answer
+            elif link.conn.closed or now - link.detached_since > config.peer_timeout:
+                await self._reconnect(link)
+            else:
+                self._send_control_nowait(link, "hello", self._hello_payload())
+        for key, relayed in list(self._relayed.items()):
+            if relayed.deadline < now:
+                del self._relayed[key]
 
     async def _reconnect(self, link: _Link) -> None:
         assert link.url is not None
