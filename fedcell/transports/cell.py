@@ -901,6 +901,9 @@ class Cell:
         await self._transmit_frames(envelope, [pack_envelope(envelope), *frames], via)
 
     async def _deliver_streamed(self, message: Message) -> None:
+        if message.receiver != self._name:
+            self._drop(f"streamed message for {message.receiver!r} from {message.sender!r}")
+            return
         self._dispatch(message)
 
     def _decode(self, envelope: Envelope, frames: Sequence[Buffer]) -> Message:
