@@ -35,16 +35,21 @@ as ``bytes``; larger ones as the ``memoryview`` of the ZeroMQ frame (no copy, pr
 receiver).
 
 Sending. Small frames are copied into ZeroMQ messages; frames of at least ``copy_threshold``
-bytes are sent without copying. ZeroMQ then reads a zero-copy buffer after ``send`` has handed it
-over, so to keep the contract that a caller may reuse its buffers once ``send`` returns, ``send``
-tracks zero-copy frames whose buffer is mutable (anything but ``bytes``) and returns only when
-ZeroMQ has released them (the wait runs in the loop's default executor, because pyzmq signals the
-release through a ``threading.Event``). ``send_nowait`` cannot wait, so it copies mutable frames
-above the threshold; immutable ``bytes`` always travel without a copy. ``send`` first tries a
-non-blocking send; when the peer's pipe is full it waits for the socket to become writable
-(``POLLOUT``) rather than spinning. On a ROUTER, ``POLLOUT`` means *some* peer is writable, so
-when it is set but this peer's pipe is still full, ``send`` sleeps with a short exponential
-backoff (0.5 ms doubling to 20 ms) before retrying.
+bytes are sent without copying. ZeroMQ reads a zero-copy buffer after ``send`` has handed it over
+(its I/O thread writes it to the kernel later), so to keep the contract that a caller may reuse
+its buffers once ``send`` returns, ``send`` tracks zero-copy frames whose buffer can change
+(anything but ``bytes`` or a view of ``bytes``) and returns only when ZeroMQ has released them.
+pyzmq signals the release through a ``threading.Event``, so the wait runs in the loop's default
+executor: one thread per send whose peer is slow to drain (a peer that stops reading holds a
+thread until it reads, disconnects or this connection closes). ``send_nowait`` cannot wait, so
+it copies mutable frames above the threshold; ``bytes`` always travel without a copy. ``send``
+first tries a non-blocking send; when the peer's pipe is full it waits for the socket to become
+writable (``POLLOUT``) rather than spinning. On a ROUTER, ``POLLOUT`` means *some* peer is
+writable, so when it is set but this peer's pipe is still full, ``send`` sleeps with a short
+exponential backoff (0.5 ms doubling to 20 ms) before retrying. The fast paths call the socket
+through a blocking-API view; ZeroMQ's fd is edge-triggered, so after each such call pyzmq's
+asyncio wrapper is told to re-check the socket (:func:`_rearm`), or a waiting reader could sleep
+through a message that already arrived.
 
 Socket options: ``LINGER 0`` (close never blocks), ``SNDHWM``/``RCVHWM`` = ``queue_size``,
 ``ROUTER_MANDATORY`` (a send to a vanished identity raises
@@ -172,7 +177,6 @@ def _new_socket(socket_type: int, options: TransportOptions) -> zmq.asyncio.Sock
     sock.sndhwm = options.queue_size
     sock.rcvhwm = options.queue_size
     sock.ipv6 = True
-    sock.copy_threshold = options.copy_threshold
     return sock
 
 
@@ -310,7 +314,7 @@ class ZmqConnection(Connection):
             view = memoryview(frame)
             if view.nbytes < threshold:
                 parts.append(frame)  # copied by send_multipart (below the socket's threshold)
-            elif isinstance(frame, bytes):
+            elif isinstance(view.obj, bytes):  # bytes, or a view of bytes: cannot change
                 parts.append(zmq.Frame(frame, copy=False))
             elif track:
                 zframe = zmq.Frame(frame, copy=False, track=True)

@@ -1,0 +1,177 @@
+"""Transport benchmark: ZmqTransport connections vs raw pyzmq PUSH/PULL, same bytes, same run.
+
+Usage::
+
+    python benchmarks/transport.py [--size-mib 1024] [--chunk-mib 4] [--reps 3]
+
+The sender and the receiver are two processes, for both contenders, over ``tcp://127.0.0.1``
+and ``ipc://``. The payload is a writable numpy buffer sent as ``chunk`` messages:
+
+- **raw pyzmq**: PUSH ``send(view, copy=False)`` without tracking; PULL ``recv(copy=False)``
+  keeping every frame (a receiver of a model holds it all).
+- **fedcell**: ``ZmqConnection.send([view])`` on a client connection (zero-copy, and it waits until
+  ZeroMQ released the buffer, so the caller may reuse it); the listener's connection ``recv()``
+  keeping every frame.
+
+Time runs from the sender's first send to the receiver holding the last byte (the monotonic
+clock is shared between processes on Linux). One 64 MiB warm-up, then ``reps`` timed transfers
+per process pair; the contenders alternate ``rounds`` times so that load from elsewhere hits both.
+Reported: median and best in GB/s (1e9 bytes per second), and the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+MiB = 1024 * 1024
+PAYLOAD = "numpy"
+WARMUP_BYTES = 64 * MiB
+
+
+def _chunks(view: memoryview, size: int, chunk: int) -> list[memoryview]:
+    return [view[i : min(i + chunk, size)] for i in range(0, size, chunk)]
+
+
+def raw_pull(url: str, sizes: list[int], chunk: int) -> list[float]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.bind(url)
+    print(json.dumps({"url": sock.get_string(zmq.LAST_ENDPOINT)}), flush=True)
+    durations = []
+    for size in sizes:
+        t0 = struct.unpack("<d", sock.recv())[0]
+        frames = [sock.recv(copy=False) for _ in range(-(-size // chunk))]
+        durations.append(time.monotonic() - t0)
+        del frames
+    sock.close(linger=0)
+    ctx.term()
+    return durations
+
+
+def raw_push(url: str, sizes: list[int], chunk: int) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(url)
+    view = memoryview(np.ones(max(sizes), dtype=np.uint8))
+    for size in sizes:
+        sock.send(struct.pack("<d", time.monotonic()))
+        for part in _chunks(view, size, chunk):
+            sock.send(part, copy=False)
+        time.sleep(0.5)  # let the receiver finish before the next rep starts
+    sock.close(linger=-1)
+    ctx.term()
+
+
+async def fedcell_pull(url: str, sizes: list[int], chunk: int) -> list[float]:
+    from fedcell.transports.zmq_transport import ZmqTransport
+
+    listener = await ZmqTransport().listen(url)
+    print(json.dumps({"url": listener.url}), flush=True)
+    conn = await listener.accept()
+    durations = []
+    for size in sizes:
+        t0 = struct.unpack("<d", (await conn.recv())[0])[0]
+        frames = [await conn.recv() for _ in range(-(-size // chunk))]
+        durations.append(time.monotonic() - t0)
+        del frames
+    await listener.close()
+    return durations
+
+
+async def fedcell_push(url: str, sizes: list[int], chunk: int) -> None:
+    from fedcell.transports.zmq_transport import ZmqTransport
+
+    conn = await ZmqTransport().connect(url)
+    if PAYLOAD == "bytes":
+        view = memoryview(bytes(max(sizes)))
+    else:
+        view = memoryview(np.ones(max(sizes), dtype=np.uint8))
+    for size in sizes:
+        await conn.send([struct.pack("<d", time.monotonic())])
+        for part in _chunks(view, size, chunk):
+            await conn.send([part])
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)
+    await conn.close()
+
+
+def child(role: str, url: str, sizes: list[int], chunk: int) -> None:
+    if role == "raw_pull":
+        print(json.dumps({"durations": raw_pull(url, sizes, chunk)}), flush=True)
+    elif role == "raw_push":
+        raw_push(url, sizes, chunk)
+    elif role == "fedcell_pull":
+        durations = asyncio.run(fedcell_pull(url, sizes, chunk))
+        print(json.dumps({"durations": durations}), flush=True)
+    else:
+        asyncio.run(fedcell_push(url, sizes, chunk))
+
+
+def measure(contender: str, url: str, sizes: list[int], chunk: int, payload: str) -> list[float]:
+    args = [json.dumps(sizes), str(chunk), payload]
+    receiver = subprocess.Popen(
+        [sys.executable, __file__, "--child", f"{contender}_pull", url, *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert receiver.stdout is not None
+    bound = json.loads(receiver.stdout.readline())["url"]
+    subprocess.run(
+        [sys.executable, __file__, "--child", f"{contender}_push", bound, *args], check=True
+    )
+    result: dict[str, Any] = json.loads(receiver.stdout.readline())
+    receiver.wait()
+    return [sizes[-1] / duration / 1e9 for duration in result["durations"][1:]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--chunk-mib", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=3, help="timed transfers per process pair")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the contenders")
+    parser.add_argument(
+        "--payload",
+        choices=("numpy", "bytes"),
+        default="numpy",
+        help="numpy: a writable buffer (send waits until ZeroMQ released it); bytes: immutable",
+    )
+    parser.add_argument("--child", nargs=5, metavar=("ROLE", "URL", "SIZES", "CHUNK", "PAYLOAD"))
+    options = parser.parse_args()
+    if options.child:
+        global PAYLOAD
+        role, url, sizes, chunk, PAYLOAD = options.child
+        child(role, url, json.loads(sizes), int(chunk))
+        return
+    size, chunk = options.size_mib * MiB, options.chunk_mib * MiB
+    sizes = [min(size, WARMUP_BYTES)] + [size] * options.reps
+    with tempfile.TemporaryDirectory() as tmp:
+        for url in ("tcp://127.0.0.1:0", f"ipc://{tmp}/bench.sock"):
+            raw: list[float] = []
+            ours: list[float] = []
+            for _ in range(options.rounds):  # alternate, so load from elsewhere hits both
+                raw += measure("raw", url, sizes, chunk, options.payload)
+                ours += measure("fedcell", url, sizes, chunk, options.payload)
+            scheme = url.partition(":")[0]
+            print(
+                f"{scheme}: {options.size_mib} MiB in {options.chunk_mib} MiB messages, GB/s "
+                f"median (best) of {len(raw)}: raw pyzmq {statistics.median(raw):.2f} "
+                f"({max(raw):.2f}), ZmqTransport/{options.payload} {statistics.median(ours):.2f} "
+                f"({max(ours):.2f}); ratio of medians {statistics.median(ours) / statistics.median(raw):.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
