@@ -474,7 +474,11 @@ class ZmqClientConnection(ZmqConnection):
     async def _monitor_loop(self) -> None:
         assert self._monitor is not None
         while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())
+            try:
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+            except zmq.ZMQError as exc:  # the context is terminating: no more state reports
+                logger.error("monitoring %s failed, state reports stop: %s", self.peer, exc)
+                return
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 # Announce this identity to a (possibly restarted) listener at once.
                 with contextlib.suppress(zmq.Again):

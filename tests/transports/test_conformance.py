@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +40,17 @@ def test_ipc_transport_conforms(check: TransportCheck, tmp_path: Path) -> None:
     asyncio.run(check(ZmqTransport(), f"ipc://{tmp_path}/conformance.sock"))
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 @pytest.mark.integration
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
 def test_check_transport_runs_every_check_on_ipv6_loopback() -> None:
     asyncio.run(check_transport(ZmqTransport(), "tcp://[::1]:0"))
 

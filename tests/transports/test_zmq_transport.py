@@ -346,3 +346,27 @@ def test_a_waiting_reader_wakes_although_a_send_consumed_the_socket_signal() -> 
             await listener.close()
 
     asyncio.run(main())
+
+
+def test_garbage_from_a_raw_router_is_dropped_by_the_client() -> None:
+    async def main() -> None:
+        # Prepare: a foreign ROUTER where the client expects a fedcell listener.
+        raw = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        raw.linger = 0
+        port = raw.bind_to_random_port("tcp://127.0.0.1")
+        client = await ZmqTransport().connect(f"tcp://127.0.0.1:{port}")
+        try:
+            identity, hello = await asyncio.wait_for(raw.recv_multipart(), TIMEOUT_S)
+            assert hello == b"\x02"
+            # Execute
+            await raw.send_multipart([identity, b"\x7f", b"garbage"])
+            await raw.send_multipart([identity, b""])
+            await raw.send_multipart([identity, b"\x01", b"real", b""])
+            # Assert
+            assert await asyncio.wait_for(client.recv(), TIMEOUT_S) == [b"real", b""]
+            assert client.statistics().messages_received == 1
+        finally:
+            await client.close()
+            raw.close(linger=0)
+
+    asyncio.run(main())
