@@ -348,14 +348,17 @@ class _RelayHandle(TaskHandle):
     """Drives :meth:`Dispatcher.relay` with one :meth:`Dispatcher.send` per hop."""
 
     def __init__(self, dispatcher: Dispatcher, task: Task, order: Sequence[str]) -> None:
-        super().__init__(replace(task, timeout=None), order)  # the deadline is per hop
-        self._hop_task = task
+        # The deadline is per hop. The handle keeps no reference to the first hop's data, so
+        # once a later hop answers, only the model being relayed is held.
+        super().__init__(replace(task, data=None, timeout=None), order)
+        self._hop_task = replace(task, data=None)
+        self._first_data = task.data
         self._current_hop: TaskHandle | None = None
         self._dispatcher = dispatcher
         self._driver = asyncio.ensure_future(self._drive())
 
     async def _drive(self) -> None:
-        data = self._hop_task.data
+        data, self._first_data = self._first_data, None
         for site in self.targets:
             try:
                 hop = self._dispatcher.send(replace(self._hop_task, data=data), site)
