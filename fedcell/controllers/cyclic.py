@@ -3,7 +3,9 @@
 One lap passes ``Task(train_task, FLModel(model, current_round=lap, total_rounds=rounds))`` to the
 first site of the lap's order; each site trains on what the previous one produced
 (:meth:`~fedcell.engine.dispatcher.Dispatcher.relay`), and the last good model of a lap starts
-the next. ``rounds`` is the number of laps.
+the next. ``rounds`` is the number of laps. A site after the first of a lap receives the previous
+site's FLModel as that site sent it (executors and the Client API keep ``current_round``; its
+metrics and meta travel along), since the relay may pass it on without the controller.
 
 Order: ``"fixed"`` visits the target sites in the order given (``sites``, default the job's);
 ``"shuffle"`` draws a new permutation every lap from ``random.Random(seed)``, so a seed replays
@@ -167,16 +169,15 @@ class Cyclic(Controller):
         unknown = [site for site in targets if site not in ctx.dispatcher.sites]
         if unknown:
             raise ConfigError(f"Cyclic node {ctx.node!r}: {unknown} are not sites of the job")
-        params = self._initial_params(ctx)
+        relayed = _Relayed(self._initial_params(ctx))
         shuffler = random.Random(self.seed)
         history: list[dict[str, Any]] = []
         orders: list[list[str]] = []
-        metrics: dict[str, float] = {}
         for lap in range(self.rounds):
             order = self._lap_order(targets, shuffler, orders[-1][-1] if orders else None)
             orders.append(order)
             records: list[dict[str, Any]] = []
-            params, lap_metrics = await self._lap(ctx, lap, order, params, records, len(history))
+            await self._lap(ctx, lap, order, relayed, records, len(history))
             history.extend(records)
             if not any(record["status"] == "ok" for record in records):
                 raise TooFewResultsError(
@@ -185,16 +186,15 @@ class Cyclic(Controller):
                     [TaskResult(r["site"], self.train_task, r["status"], error=r["error"])
                      for r in records],
                 )  # fmt: skip
-            metrics = lap_metrics or metrics
             ctx.logger.info(
                 "%s lap %d/%d: order %s, %d ok, metrics %s",
                 ctx.node, lap + 1, self.rounds, order,
-                sum(record["status"] == "ok" for record in records), metrics,
+                sum(record["status"] == "ok" for record in records), relayed.metrics,
             )  # fmt: skip
         return FLModel(
-            params=params,
+            params=relayed.params,
             params_type=ParamsType.FULL,
-            metrics=metrics,
+            metrics=relayed.metrics,
             current_round=self.rounds - 1,
             total_rounds=self.rounds,
             meta={"history": history, "orders": orders},
@@ -217,20 +217,19 @@ class Cyclic(Controller):
         ctx: ControllerContext,
         lap: int,
         order: list[str],
-        params: dict[str, Any],
+        relayed: _Relayed,
         records: list[dict[str, Any]],
         hops_before: int,
-    ) -> tuple[dict[str, Any], dict[str, float]]:
-        """Relay ``params`` through ``order``; append one record per hop to ``records``; return
-        the last good params and the last ok hop's metrics."""
-        metrics: dict[str, float] = {}
+    ) -> None:
+        """Relay ``relayed`` through ``order``, updating it with each good model; append one
+        record per hop to ``records``."""
         remaining = list(order)
         total_hops = self.rounds * len(order)
         while remaining:
             task = Task(
                 self.train_task,
                 FLModel(
-                    params=params,
+                    params=relayed.params,
                     params_type=ParamsType.FULL,
                     current_round=lap,
                     total_rounds=self.rounds,
@@ -239,6 +238,7 @@ class Cyclic(Controller):
                 timeout=self.hop_timeout,
             )
             handle = ctx.dispatcher.relay(task, remaining)
+            del task  # the relay holds the model now; keep no second reference to it
             rejected = False
             started = time.perf_counter()
             try:
@@ -248,12 +248,12 @@ class Cyclic(Controller):
                     hop_metrics: dict[str, float] = {}
                     if result.ok:
                         try:
-                            params, hop_metrics = _checked_model(result, params)
+                            relayed.params, hop_metrics = _checked_model(result, relayed.params)
                         except ProtocolError as exc:
                             ctx.logger.warning("%s: rejected %s", ctx.node, exc)
                             status, error, rejected = "failed", f"result rejected: {exc}", True
                         else:
-                            metrics = hop_metrics
+                            relayed.metrics = hop_metrics
                     else:
                         ctx.logger.warning("%s: skipped %s", ctx.node, result.describe())
                     now = time.perf_counter()
@@ -262,13 +262,12 @@ class Cyclic(Controller):
                         "error": error, "metrics": hop_metrics, "seconds": now - started,
                     })  # fmt: skip
                     started = now
-                    ctx.report(hops_before + len(records), total_hops, metrics)
+                    ctx.report(hops_before + len(records), total_hops, relayed.metrics)
                     if rejected:
                         break
             finally:
                 if handle.pending:  # rejected result, or the node was cancelled
                     await handle.cancel("the cyclic controller stopped this relay")
-        return params, metrics
 
     def _initial_params(self, ctx: ControllerContext) -> dict[str, Any]:
         owner = f"Cyclic node {ctx.node!r}"
@@ -296,6 +295,15 @@ class Cyclic(Controller):
         if self.model is not None:
             return as_params(_load_model(owner, self.model))
         return as_params(upstream[0].params)
+
+
+@dataclass
+class _Relayed:
+    """The one model the controller holds: the last good params, and the metrics of the hop
+    that produced them (mutated in place, so no caller keeps an older model alive)."""
+
+    params: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _checked_model(
