@@ -134,7 +134,9 @@ class MessageSink:
                 offset += take
 
     def finish(self, digest: str) -> Message:
-        payload = codec.decode(self._tree, [], arrays=lambda spec: self._arrays[spec.frame])
+        arrays = self._arrays
+        payload = codec.decode(self._tree, [], arrays=lambda spec: arrays[spec.frame])
+        self.abort()  # the message owns the arrays now
         return Message(self._envelope, payload)
 
     def abort(self) -> None:
@@ -243,7 +245,9 @@ class InboundStream:
         self.size = header.size
         self.chunk = header.chunk
         self.codec = header.codec
-        self._envelope = unpack_envelope(header.envelope)
+        # The sink factories close over locals, never over ``self``: a reference cycle would keep
+        # a received model's arrays alive until the cyclic garbage collector runs.
+        envelope = unpack_envelope(header.envelope)
         self._make_sink: Callable[[], MessageSink | FileSink]
         if header.kind == "message":
             tree = codec.unpack_tree(header.layout, max_tree_bytes)
@@ -252,16 +256,16 @@ class InboundStream:
             if total != header.size:
                 raise FrameError(f"payload arrays hold {total} bytes; the stream announces {header.size}")
             self.cost = header.size
-            self._make_sink = lambda: MessageSink(self._envelope, tree, specs)
+            self._make_sink = lambda: MessageSink(envelope, tree, specs)
         else:
             if file_sink is None:
                 raise ConfigError("this endpoint accepts no files (no file sink policy)")
             name, meta = _file_layout(header.layout, max_tree_bytes)
-            offer = FileOffer(peer, name, header.size, self._envelope.channel, meta)
+            offer = FileOffer(peer, name, header.size, envelope.channel, meta)
             destination = file_sink(offer)
             # A file costs about one window of memory whatever its size.
             self.cost = min(header.size, header.window)
-            self._make_sink = lambda: FileSink(self._envelope, offer, destination)
+            self._make_sink = lambda: FileSink(envelope, offer, destination)
         self.sink: MessageSink | FileSink | None = None
         self.received = 0
         self.next_seq = 0

@@ -2,8 +2,8 @@
 
 A stream's bytes come from a :class:`ChunkSource`: the raw buffers of an encoded message
 (:class:`PayloadSource`, zero-copy ``memoryview`` slices of the arrays; a chunk that spans arrays
-is several slices, never concatenated) or a file (:class:`FileSource`, one fresh buffer per chunk
-filled with ``preadv``, so memory is bounded by the window whatever the file size).
+is several slices, never concatenated) or a file (:class:`FileSource`, one fresh ``bytes`` per chunk
+read with ``pread``, so memory is bounded by the window whatever the file size).
 
 The :class:`ChunkEncoder` turns chunk ``seq`` into an :class:`EncodedChunk` exactly once: it
 compresses (when the stream's codec is not ``none`` and the chunk shrinks by at least
@@ -141,17 +141,15 @@ class FileSource:
         return self._size
 
     def read(self, offset: int, length: int) -> list[Buffer]:
-        # A fresh buffer per chunk: the transport may still hold the previous one when send
-        # returns (in-process queues pass frames by reference).
-        buf = bytearray(length)
-        view = memoryview(buf)
-        done = 0
-        while done < length:
-            n = os.preadv(self._fd, [view[done:]], offset + done)
-            if n == 0:
-                raise StreamError(f"{self.path} shrank to {offset + done} bytes while streaming")
-            done += n
-        return [buf]
+        # A fresh, immutable ``bytes`` per chunk (``pread`` reads straight into it): transports
+        # may hold a frame after ``send`` returns, and send immutable frames without copying.
+        data = os.pread(self._fd, length, offset)
+        while len(data) < length:
+            more = os.pread(self._fd, length - len(data), offset + len(data))
+            if not more:
+                raise StreamError(f"{self.path} shrank to {offset + len(data)} bytes while streaming")
+            data += more
+        return [data]
 
     def typesize_at(self, offset: int) -> int:
         return 1

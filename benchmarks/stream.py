@@ -1,0 +1,450 @@
+"""Stream layer benchmark: fedcell streams through Cells vs raw pyzmq PUSH/PULL, same run.
+
+Usage::
+
+    python benchmarks/stream.py [--quick] [--json]     # the figures in docs/benchmarks.md
+    python benchmarks/stream.py --sweep                 # chunk size x window x threshold
+
+Every measurement runs the sender and the receiver in two separate processes, for fedcell and
+for raw pyzmq alike, over ``tcp://127.0.0.1`` and ``ipc://``:
+
+- **raw pyzmq**: a PUSH socket sends the payload as ``chunk_size`` messages without copying
+  (``copy=False``, no tracking); the PULL side receives them without copying and keeps them
+  (it holds the whole payload, as a receiver of a model must) — the cheapest way to move the
+  bytes from one process into another with ZeroMQ.
+- **fedcell**: ``Cell.request`` of a dict of float32 numpy arrays (64 MiB layers plus small
+  biases) from ``site-1`` to ``server``; the server's handler gets the reassembled, verified
+  message (chunks hashed, written into preallocated arrays, whole-stream digest checked) and
+  replies. ``codec="none"``: this measures the transfer, not compression.
+
+Time runs from the sender's ``send`` call to the receiver holding the last byte (for fedcell:
+the handler being called with the verified message), on the monotonic clock, which Linux shares
+between processes. Each process first moves one warm-up payload (at most 64 MiB); sizes up to
+1 GiB are repeated and the median is kept. Peak RSS is each process's ``ru_maxrss`` after the
+run (the receiver's includes the interpreter and imports: about 60 MiB).
+
+Also measured: file-to-file streaming between two cell processes (peak RSS of both), and blosc2
+on float32 weights rounded to bf16 precision (ratio and single-thread speed per 1 MiB chunk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+LAYER_BYTES = 64 * MiB
+WARMUP_BYTES = 64 * MiB
+DONE = b"done"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_model(size: int) -> dict[str, np.ndarray]:
+    """float32 layers of up to 64 MiB plus a 4 KiB bias per layer, ``size`` bytes in all."""
+    model: dict[str, np.ndarray] = {}
+    remaining = size
+    index = 0
+    while remaining > 0:
+        bias = min(4 * KiB, remaining // 2) // 4 * 4
+        layer = min(LAYER_BYTES, remaining - bias) // 4 * 4
+        if layer <= 0:
+            break
+        model[f"layer{index}.weight"] = np.full(layer // 4, index, dtype=np.float32)
+        if bias:
+            model[f"layer{index}.bias"] = np.full(bias // 4, index, dtype=np.float32)
+        remaining -= layer + bias
+        index += 1
+    return model
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# child roles: raw pyzmq
+
+
+def _bind(sock: Any, url: str) -> str:
+    if url.endswith(":0"):
+        host = url.rsplit(":", 1)[0]
+        return f"{host}:{sock.bind_to_random_port(host)}"
+    sock.bind(url)
+    return url
+
+
+def zmq_pull(spec: dict[str, Any]) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    acks = ctx.socket(zmq.PUSH)  # tells the sender a payload arrived, so reps never overlap
+    url = _bind(sock, spec["url"])
+    ack_url = _bind(acks, spec["ack_url"])
+    print(f"ready {url} {ack_url}", flush=True)
+    durations: list[float] = []
+    while True:
+        header = sock.recv()
+        if header == DONE:
+            break
+        t0, chunks = struct.unpack("<dQ", header)
+        frames = [sock.recv(copy=False) for _ in range(chunks)]
+        durations.append(time.monotonic() - t0)
+        del frames
+        acks.send(b"ok")
+    sock.close(linger=0)
+    acks.close(linger=-1)
+    ctx.term()
+    emit({"durations": durations[1:], "peak_rss_mib": peak_rss_mib()})
+
+
+def zmq_push(spec: dict[str, Any]) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    acks = ctx.socket(zmq.PULL)
+    sock.connect(spec["url"])
+    acks.connect(spec["ack_url"])
+    chunk = spec["chunk_size"]
+    payload = np.full(spec["size"] // 4, 1.0, dtype=np.float32)
+    view = memoryview(payload).cast("B")
+    for rep in range(spec["reps"] + 1):
+        size = min(view.nbytes, WARMUP_BYTES) if rep == 0 else view.nbytes
+        chunks = -(-size // chunk)
+        sock.send(struct.pack("<dQ", time.monotonic(), chunks))
+        for i in range(chunks):
+            sock.send(view[i * chunk : min((i + 1) * chunk, size)], copy=False)
+        acks.recv()
+    sock.send(DONE)
+    sock.close(linger=-1)
+    acks.close(linger=0)
+    ctx.term()
+    emit({"peak_rss_mib": peak_rss_mib()})
+
+
+# ----------------------------------------------------------------------------------------------
+# child roles: fedcell cells
+
+
+def cell_config(spec: dict[str, Any]) -> Any:
+    from fedcell.transports.cell import CellConfig
+    from fedcell.transports.stream import StreamConfig
+
+    stream = StreamConfig(
+        threshold=spec.get("threshold", StreamConfig().threshold),
+        chunk_size=spec["chunk_size"],
+        window=spec["window"],
+        codec="none",
+        stall_timeout=60.0,
+    )
+    return CellConfig(stream=stream, peer_timeout=60.0)
+
+
+async def cell_recv(spec: dict[str, Any]) -> None:
+    from fedcell.transports.cell import Cell
+    from fedcell.transports.message import Message
+    from fedcell.transports.stream import directory_sink
+
+    stop = asyncio.Event()
+    durations: list[float] = []
+    sink_dir = Path(spec["sink_dir"]) if spec.get("sink_dir") else None
+
+    async def on_model(message: Message) -> float:
+        elapsed = time.monotonic() - float(message.envelope.headers["t0"])  # type: ignore[arg-type]
+        durations.append(elapsed)
+        return elapsed
+
+    async def on_file(message: Message) -> float:
+        elapsed = time.monotonic() - float(message.envelope.headers.get("t0") or 0.0)
+        Path(message.payload.path).unlink()
+        return elapsed
+
+    async def on_stop(message: Message) -> None:
+        stop.set()
+
+    file_sink = directory_sink(sink_dir) if sink_dir else None
+    async with Cell("server", listen=spec["url"], config=cell_config(spec),
+                    file_sink=file_sink) as server:  # fmt: skip
+        server.register("model", on_model)
+        server.register("file", on_file)
+        server.register("stop", on_stop)
+        print(f"ready {server.url}", flush=True)
+        await stop.wait()
+        stats = server.statistics().streams
+    emit({
+        "durations": durations[1:],
+        "peak_rss_mib": peak_rss_mib(),
+        "streams_received": stats.streams_received,
+        "peak_inbound_bytes_admitted": stats.peak_inbound_bytes_admitted,
+    })  # fmt: skip
+
+
+async def cell_send(spec: dict[str, Any]) -> None:
+    from fedcell.transports.cell import Cell
+
+    model = make_model(spec["size"])
+    warmup = model if spec["size"] <= WARMUP_BYTES else make_model(WARMUP_BYTES)
+    async with Cell("site-1", parent=spec["url"], config=cell_config(spec)) as site:
+        for rep in range(spec["reps"] + 1):
+            payload = warmup if rep == 0 else model
+            await site.request("server", "model", payload, timeout=900,
+                               headers={"t0": time.monotonic()})  # fmt: skip
+        stats = site.statistics().streams
+        await site.send("server", "stop")
+    emit({"peak_rss_mib": peak_rss_mib(), "peak_in_flight": stats.peak_in_flight})
+
+
+async def file_send(spec: dict[str, Any]) -> None:
+    from fedcell.transports.cell import Cell
+
+    size = spec["size"]
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "checkpoint.bin"
+        with source.open("wb") as f:  # sparse, with real data at both ends and across 4 GiB
+            f.truncate(size)
+            for offset in (0, min(2**32, size - MiB), size - MiB):
+                f.seek(offset)
+                f.write(os.urandom(MiB))
+        async with Cell("site-1", parent=spec["url"], config=cell_config(spec)) as site:
+            started = time.monotonic()
+            await site.send_file("server", source, channel="file")
+            seconds = time.monotonic() - started
+            await site.send("server", "stop")
+    emit({"peak_rss_mib": peak_rss_mib(), "seconds": seconds})
+
+
+ROLES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "zmq-pull": zmq_pull,
+    "zmq-push": zmq_push,
+    "cell-recv": lambda spec: asyncio.run(cell_recv(spec)),
+    "cell-send": lambda spec: asyncio.run(cell_send(spec)),
+    "file-send": lambda spec: asyncio.run(file_send(spec)),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# orchestration
+
+
+def spawn(role: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, __file__, "--role", role, "--spec", json.dumps(spec)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({proc.returncode}): {out[-2000:]}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def run_pair(receiver: str, sender: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Start the receiver, then the sender at the URL it reports; return both results."""
+    print(f"... {receiver} <- {sender} {spec['url'][:6]} {spec['size'] // MiB} MiB",
+          file=sys.stderr, flush=True)  # fmt: skip
+    recv = spawn(receiver, spec)
+    assert recv.stdout is not None
+    ready = recv.stdout.readline().split()
+    if len(ready) < 2 or ready[0] != "ready":
+        recv.kill()
+        raise RuntimeError(f"{receiver} did not start: {ready}")
+    urls = {"url": ready[1]} | ({"ack_url": ready[2]} if len(ready) > 2 else {})
+    send = spawn(sender, {**spec, **urls})
+    timeout = 120 + spec["size"] * (spec.get("reps", 1) + 1) / (50 * MiB)
+    sent = finish(send, timeout)
+    received = finish(recv, timeout)
+    return {"sender": sent, "receiver": received}
+
+
+_urls = iter(range(1_000_000))
+
+
+def listen_url(transport: str) -> str:
+    if transport == "tcp":
+        return "tcp://127.0.0.1:0"
+    return f"ipc://{tempfile.gettempdir()}/fcbench-{os.getpid()}-{next(_urls)}.sock"
+
+
+def throughput(size: int, durations: list[float]) -> float:
+    return size / statistics.median(durations) / 1e9
+
+
+def transfer(transport: str, size: int, reps: int, chunk: int, window: int) -> dict[str, Any]:
+    base = {"size": size, "reps": reps, "chunk_size": chunk, "window": window}
+    raw = run_pair("zmq-pull", "zmq-push",
+                   {**base, "url": listen_url(transport), "ack_url": listen_url(transport)})  # fmt: skip
+    cell = run_pair("cell-recv", "cell-send", {**base, "url": listen_url(transport)})
+    zmq_gbps = throughput(size, raw["receiver"]["durations"])
+    cell_gbps = throughput(size, cell["receiver"]["durations"])
+    return {
+        "transport": transport,
+        "payload_mib": size / MiB,
+        "zmq_gbps": round(zmq_gbps, 3),
+        "fedcell_gbps": round(cell_gbps, 3),
+        "ratio_vs_zmq": round(cell_gbps / zmq_gbps, 3),
+        "zmq_recv_peak_rss_mib": round(raw["receiver"]["peak_rss_mib"], 1),
+        "send_peak_rss_mib": round(cell["sender"]["peak_rss_mib"], 1),
+        "recv_peak_rss_mib": round(cell["receiver"]["peak_rss_mib"], 1),
+        "peak_in_flight_mib": cell["sender"]["peak_in_flight"] / MiB,
+    }
+
+
+def file_stream(size: int, chunk: int, window: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as sink_dir:
+        spec = {"size": size, "chunk_size": chunk, "window": window, "sink_dir": sink_dir,
+                "url": listen_url("tcp")}  # fmt: skip
+        result = run_pair("cell-recv", "file-send", spec)
+    return {
+        "file_mib": size / MiB,
+        "seconds": round(result["sender"]["seconds"], 2),
+        "send_peak_rss_mib": round(result["sender"]["peak_rss_mib"], 1),
+        "recv_peak_rss_mib": round(result["receiver"]["peak_rss_mib"], 1),
+    }
+
+
+def blosc2_bf16(total: int, chunk: int) -> dict[str, Any]:
+    from fedcell.transports import compression
+
+    weights = np.random.default_rng(0).standard_normal(total // 4).astype(np.float32)
+    rounded = (weights.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    view = memoryview(rounded).cast("B")
+    out: dict[str, Any] = {}
+    for name in ("blosc2-lz4", "blosc2-zstd"):
+        codec = compression.get_codec(name)
+        packed_bytes = 0
+        compress_s = decompress_s = 0.0
+        scratch = memoryview(bytearray(chunk))
+        for start in range(0, view.nbytes, chunk):
+            piece = view[start : start + chunk]
+            began = time.perf_counter()
+            packed = codec.compress(piece, 4)
+            middle = time.perf_counter()
+            codec.decompress_into(packed, scratch[: piece.nbytes])
+            decompress_s += time.perf_counter() - middle
+            compress_s += middle - began
+            packed_bytes += memoryview(packed).nbytes
+        out[name] = {
+            "ratio": round(view.nbytes / packed_bytes, 3),
+            "compress_gbps": round(view.nbytes / compress_s / 1e9, 2),
+            "decompress_gbps": round(view.nbytes / decompress_s / 1e9, 2),
+        }
+    return out
+
+
+def sweep() -> None:
+    size = 256 * MiB
+    print(f"chunk x window sweep, fedcell through cells, {size // MiB} MiB, median of 3 (GB/s)")
+    for transport in ("tcp", "ipc"):
+        for chunk in (256 * KiB, 1 * MiB, 4 * MiB):
+            for window in (4 * MiB, 16 * MiB, 64 * MiB):
+                if window < 2 * chunk:
+                    continue
+                spec = {"size": size, "reps": 3, "chunk_size": chunk, "window": window,
+                        "url": listen_url(transport)}  # fmt: skip
+                result = run_pair("cell-recv", "cell-send", spec)
+                gbps = throughput(size, result["receiver"]["durations"])
+                print(f"  {transport} chunk {chunk // KiB:>5} KiB window {window // MiB:>3} MiB: "
+                      f"{gbps:.2f}", flush=True)  # fmt: skip
+    print("threshold: request round trip of one array, streamed vs one piece (ms, median of 20)")
+    for size in (256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB):
+        row = []
+        for threshold in (0, 1 << 40):
+            spec = {"size": size, "reps": 20, "chunk_size": 1 * MiB, "window": 16 * MiB,
+                    "threshold": threshold, "url": listen_url("tcp")}  # fmt: skip
+            result = run_pair("cell-recv", "cell-send", spec)
+            row.append(statistics.median(result["receiver"]["durations"]) * 1e3)
+        print(f"  {size // KiB:>6} KiB: streamed {row[0]:.2f} ms, one piece {row[1]:.2f} ms",
+              flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="64 MiB payloads only (< 1 min)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--sweep", action="store_true", help="chunk/window/threshold sweep")
+    parser.add_argument("--role", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        ROLES[args.role](json.loads(args.spec))
+        return
+    if args.sweep:
+        sweep()
+        return
+    from fedcell.transports.stream import StreamConfig
+
+    defaults = StreamConfig()
+    chunk, window = defaults.chunk_size, defaults.window
+    sizes = [(64 * MiB, 3)] if args.quick else [(64 * MiB, 5), (1 * GiB, 3), (4 * GiB, 1)]
+    started = time.monotonic()
+    rows = [
+        transfer(transport, size, reps, chunk, window)
+        for transport in ("tcp", "ipc")
+        for size, reps in sizes
+    ]
+    files = file_stream(256 * MiB if args.quick else 4 * GiB + 512 * MiB, chunk, window)
+    blosc = blosc2_bf16(32 * MiB if args.quick else 256 * MiB, chunk)
+    reference = next(r for r in rows if r["payload_mib"] == sizes[min(1, len(sizes) - 1)][0] / MiB
+                     and r["transport"] == "tcp")  # fmt: skip
+    summary = {
+        "tcp_ratio_vs_zmq": reference["ratio_vs_zmq"],
+        "ipc_ratio_vs_zmq": next(
+            r["ratio_vs_zmq"] for r in rows
+            if r["transport"] == "ipc" and r["payload_mib"] == reference["payload_mib"]
+        ),
+        "payload_mib": reference["payload_mib"],
+        "recv_peak_rss_mib": reference["recv_peak_rss_mib"],
+        "send_peak_rss_mib": reference["send_peak_rss_mib"],
+        "file_stream_peak_rss_mib": max(files["send_peak_rss_mib"], files["recv_peak_rss_mib"]),
+        "blosc2_ratio_bf16": blosc["blosc2-lz4"]["ratio"],
+        "chunk_size_mib": chunk / MiB,
+        "window_mib": window / MiB,
+        "transfers": rows,
+        "file_stream": files,
+        "blosc2_bf16": blosc,
+        "seconds": round(time.monotonic() - started, 1),
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"stream throughput, sender and receiver in separate processes "
+          f"(chunk {chunk // KiB} KiB, window {window // MiB} MiB, codec none)")  # fmt: skip
+    print(f"{'transport':>9} {'MiB':>6} {'zmq GB/s':>9} {'fedcell GB/s':>13} {'ratio':>6} "
+          f"{'send RSS':>9} {'recv RSS':>9} {'zmq recv RSS':>13}")  # fmt: skip
+    for r in rows:
+        print(f"{r['transport']:>9} {r['payload_mib']:>6.0f} {r['zmq_gbps']:>9.2f} "
+              f"{r['fedcell_gbps']:>13.2f} {r['ratio_vs_zmq']:>6.2f} {r['send_peak_rss_mib']:>9.0f} "
+              f"{r['recv_peak_rss_mib']:>9.0f} {r['zmq_recv_peak_rss_mib']:>13.0f}")  # fmt: skip
+    print(f"file to file over tcp, {files['file_mib']:.0f} MiB in {files['seconds']} s: peak RSS "
+          f"sender {files['send_peak_rss_mib']:.0f} MiB, receiver {files['recv_peak_rss_mib']:.0f} MiB")  # fmt: skip
+    for name, b in blosc.items():
+        print(f"{name} on float32 weights at bf16 precision: ratio {b['ratio']}, compress "
+              f"{b['compress_gbps']} GB/s, decompress {b['decompress_gbps']} GB/s")  # fmt: skip
+    print(f"({summary['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
