@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_shuffle_is_a_seeded_permutation_per_lap_never_repeating_a_site_at_the_s
     assert orders != shuffled_orders(seed=4, rounds=30)
     assert all(sorted(order) == sorted(SITES) for order in orders)
     assert len({tuple(order) for order in orders}) > 1  # reshuffled per lap
-    assert all(before[-1] != after[0] for before, after in zip(orders, orders[1:], strict=False))
+    assert all(before[-1] != after[0] for before, after in itertools.pairwise(orders))
 
 
 def test_dropped_sites_are_skipped_and_the_next_site_gets_the_last_good_model() -> None:
