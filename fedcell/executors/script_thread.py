@@ -20,11 +20,11 @@ Threads the script starts itself are not routed (their output goes to the proces
 The script talks to its executor through :class:`ThreadSession`, which calls the loop-side
 :class:`~fedcell.executors.script_protocol.ScriptExchange` with ``run_coroutine_threadsafe`` /
 ``call_soon_threadsafe``: the event loop is never blocked by the script, and the script blocks
-only itself. Params are copied (tensors and arrays) where they cross between the two sides: the
-script owns what ``flare.receive()`` returns (it may train on it in place without touching the
-server's model, which other in-process sites may share) and cannot change what ``flare.send``
-sent by training on. That is the guarantee process mode gets from serialization, at the cost of
-two model copies per round.
+only itself. What ``flare.receive()`` returns is the task's own model, not a copy: the site
+runtime decodes each site's payload separately, so the script may train on it in place. What
+``flare.send`` hands over *is* copied (tensors and arrays), because the result is encoded and
+streamed after ``send`` returns while a script may go on training its live ``state_dict()``
+tensors; process mode gets that guarantee from serialization. Cost: one model copy per round.
 """
 
 from __future__ import annotations
@@ -105,15 +105,12 @@ class ThreadSession(ScriptSession):
         except RuntimeError:  # the site's loop is closed: the job is over
             return None
         try:
-            task = future.result(timeout)
+            return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise RequestTimeoutError(f"no task arrived within {timeout} s") from None
         except concurrent.futures.CancelledError:
             return None
-        if task is None:
-            return None
-        return ScriptTask(task.task_id, task.name, _private_model(task.model))
 
     def submit(self, result: ScriptResult) -> None:
         model = _private_model(result.model)
