@@ -21,7 +21,8 @@ A run writes a results folder::
 
     <workspace>/
         job/                  the exported job (config + custom/)
-        result.json           job and node states, timings, the metrics table
+        result.json           job and node states, timings, the metrics table, node outputs
+                              that are plain data (e.g. a cross-site evaluation matrix)
         metrics.csv           one row per node and round: the metrics each controller reported
         <node>.model.pt|npz   the final model of every node whose output is an FLModel
         <site>.log            per-site logs (processes mode)
@@ -361,7 +362,12 @@ def _write_results(result: JobResult, root: Path) -> SimulationResult:
         "reason": result.reason,
         "duration_s": result.duration,
         "nodes": {
-            name: {"state": node.state.value, "error": node.error, "duration_s": node.duration}
+            name: {
+                "state": node.state.value,
+                "error": node.error,
+                "duration_s": node.duration,
+                **_plain_output(node.output),
+            }
             for name, node in result.nodes.items()
         },
         "metrics": rows,
@@ -369,6 +375,18 @@ def _write_results(result: JobResult, root: Path) -> SimulationResult:
     }
     (root / "result.json").write_text(json.dumps(summary, indent=2, default=str))
     return SimulationResult(result, root, model_files, metrics_file)
+
+
+def _plain_output(output: Any) -> dict[str, Any]:
+    """``{"output": output}`` when a node's output is plain JSON data (a metrics matrix, a
+    table); models are saved to their own files instead."""
+    if output is None or isinstance(output, FLModel):
+        return {}
+    try:
+        json.dumps(output)
+    except (TypeError, ValueError):
+        return {}
+    return {"output": output}
 
 
 def _save_model(model: FLModel, stem: Path) -> Path:
