@@ -104,6 +104,9 @@ def test_cross_site_eval_with_client_api_scripts_in_site_processes(tmp_path: Pat
     }]  # fmt: skip
     saved = tmp_path / "run" / "nodes" / "cse" / "cross_site_eval.json"
     assert json.loads(saved.read_text()) == evaluation
+    summary = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert summary["nodes"]["cse"]["output"] == evaluation
+    assert "output" not in summary["nodes"]["cyclic"]  # a model: saved as cyclic.model.npz
 
 
 def test_cross_site_eval_with_a_site_runtime_executor_on_threads(tmp_path: Path) -> None:
