@@ -83,7 +83,9 @@ def _terminate_run(token: str) -> None:
 def _peer_environment(name: str, token: str) -> dict[str, str]:
     environment = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
     environment[RUN_TOKEN_VARIABLE] = token
-    environment["PATH"] = os.pathsep.join((str(peer_python(name).parent), os.environ["PATH"]))
+    environment["PATH"] = os.pathsep.join(
+        (str(peer_python(name).parent), os.environ.get("PATH", os.defpath))
+    )
     environment["PYTHONUNBUFFERED"] = "1"
     return environment
 
@@ -128,7 +130,7 @@ def run_peer(name: str, n_sites: int, rounds: int = 20, timeout: float = 600.0) 
     if not is_peer_ready(name):
         return _failure(
             name, n_sites, rounds,
-            f"{name} is not installed; run `python -m benchmarks.peers.setup_peers {name}`",
+            f"{name} is not installed; run `python -m benchmarks.peers setup {name}`",
         )
     token = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix=f"fedcell-{name}-") as workdir:

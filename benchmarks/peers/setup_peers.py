@@ -5,24 +5,23 @@ The peers are measured, never depended on: each lives in its own virtualenv unde
 ``.venv`` and never in fedcell's dependencies.
 
 Install order matters. ``torch==2.13.0`` goes in first, from the CPU wheel that pip's configured
-``find-links`` holds on local disk (``2.13.0+cpu`` satisfies ``==2.13.0`` and sorts above the
-registry's CUDA build); the peer follows with a constraints file pinning ``torch==2.13.0`` so its
+``find-links`` holds on local disk (``2.13.0+cpu`` satisfies ``==2.13.0``): that step runs with
+``--no-index``, so a machine without the local wheel fails at once instead of downloading the
+registry's multi-GB CUDA build; torch's own dependencies follow from the index. The peer follows with a constraints file pinning ``torch==2.13.0`` so its
 resolver can never swap in a multi-GB CUDA torch. After the install, the venv's torch is checked to
 be a CPU build; a venv that fails the check is not marked ready.
 
 Idempotent: a finished venv carries a marker file naming what was installed; a later call with the
 same specification reuses it at once, and a half-built venv (no marker) is rebuilt from scratch.
 
-Run ``python -m benchmarks.peers.setup_peers [nvflare|flower|all]`` from the repository root.
+Run ``python -m benchmarks.peers setup [nvflare] [flower]`` from the repository root.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -137,28 +136,15 @@ def ensure_peer(name: str) -> Path:
     venv.EnvBuilder(with_pip=True, clear=True).create(venv_dir)
     constraints = venv_dir / "constraints.txt"
     constraints.write_text(TORCH_PIN + "\n")
-    _pip(python, "--only-binary=torch", TORCH_PIN, log=log)
+    try:
+        _pip(python, "--no-index", "--no-deps", "--only-binary=torch", TORCH_PIN, log=log)
+    except PeerSetupError as exc:
+        raise PeerSetupError(
+            f"no local wheel of {TORCH_PIN} on pip's find-links (a registry torch may be a "
+            "multi-GB CUDA build); add a folder holding the CPU wheel to PIP_FIND_LINKS"
+        ) from exc
+    _pip(python, TORCH_PIN, log=log)  # torch's own dependencies, from the index
     _pip(python, "-c", str(constraints), *PEER_REQUIREMENTS[name], log=log)
     _check_cpu_torch(python)
     (venv_dir / READY_MARKER).write_text(_install_spec(name))
     return python
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: install the named peers (default: all), one after the other."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("peers", nargs="*", choices=[*PEER_REQUIREMENTS, "all"], default=["all"])
-    args = parser.parse_args(argv)
-    names = list(PEER_REQUIREMENTS) if "all" in args.peers else args.peers
-    for name in names:
-        try:
-            python = ensure_peer(name)
-        except PeerSetupError as exc:
-            print(f"{name}: FAILED: {exc}", file=sys.stderr)
-            return 1
-        print(f"{name}: ready at {python}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
