@@ -55,6 +55,7 @@ __all__ = [
     "is_submit_model",
     "is_train",
     "log",
+    "patch",
     "receive",
     "send",
     "system_info",
@@ -197,3 +198,24 @@ def log(key: str, value: Any, data_type: AnalyticsDataType | str, **kwargs: Any)
     """Send a tracking record (``flare.log("loss", 0.3, AnalyticsDataType.SCALAR, global_step=5)``)
     to the site log."""
     _current().log(key, value, data_type, **kwargs)
+
+
+def patch(trainer: Any, restore_state: bool = True, load_state_dict_strict: bool = True) -> None:
+    """Make a PyTorch Lightning ``Trainer`` load each round's global model and send its result.
+
+    Calls ``init()`` unless the script did; Lightning is imported only here. Semantics:
+    :mod:`fedcell.client.lightning`.
+
+    Raises
+    ------
+    ConfigError
+        If ``trainer`` is not a Lightning ``Trainer``, spans several processes, Lightning is
+        not installed, or the script is not running under a fedcell ScriptRunner.
+    """
+    try:
+        from fedcell.client.lightning import patch as patch_lightning_trainer
+    except ImportError as exc:
+        raise ConfigError(
+            f"flare.patch() needs PyTorch Lightning: pip install 'fedcell[lightning]' ({exc})"
+        ) from exc
+    patch_lightning_trainer(trainer, restore_state, load_state_dict_strict)
