@@ -76,6 +76,12 @@ def make_model(size: int) -> dict[str, np.ndarray]:
     return model
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process, every thread included (ZeroMQ's I/O thread too)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
 
@@ -102,6 +108,7 @@ def zmq_pull(spec: dict[str, Any]) -> None:
     ack_url = _bind(acks, spec["ack_url"])
     print(f"ready {url} {ack_url}", flush=True)
     durations: list[float] = []
+    cpu: list[float] = []
     while True:
         header = sock.recv()
         if header == DONE:
@@ -109,12 +116,13 @@ def zmq_pull(spec: dict[str, Any]) -> None:
         t0, chunks = struct.unpack("<dQ", header)
         frames = [sock.recv(copy=False) for _ in range(chunks)]
         durations.append(time.monotonic() - t0)
+        cpu.append(cpu_seconds())
         del frames
         acks.send(b"ok")
     sock.close(linger=0)
     acks.close(linger=-1)
     ctx.term()
-    emit({"durations": durations[1:], "peak_rss_mib": peak_rss_mib()})
+    emit({"durations": durations[1:], "cpu_s": cpu[-1] - cpu[0], "peak_rss_mib": peak_rss_mib()})
 
 
 def zmq_push(spec: dict[str, Any]) -> None:
@@ -128,6 +136,7 @@ def zmq_push(spec: dict[str, Any]) -> None:
     chunk = spec["chunk_size"]
     payload = np.full(spec["size"] // 4, 1.0, dtype=np.float32)
     view = memoryview(payload).cast("B")
+    cpu: list[float] = []
     for rep in range(spec["reps"] + 1):
         size = min(view.nbytes, WARMUP_BYTES) if rep == 0 else view.nbytes
         chunks = -(-size // chunk)
@@ -135,11 +144,12 @@ def zmq_push(spec: dict[str, Any]) -> None:
         for i in range(chunks):
             sock.send(view[i * chunk : min((i + 1) * chunk, size)], copy=False)
         acks.recv()
+        cpu.append(cpu_seconds())
     sock.send(DONE)
     sock.close(linger=-1)
     acks.close(linger=0)
     ctx.term()
-    emit({"peak_rss_mib": peak_rss_mib()})
+    emit({"cpu_s": cpu[-1] - cpu[0], "peak_rss_mib": peak_rss_mib()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,11 +177,13 @@ async def cell_recv(spec: dict[str, Any]) -> None:
 
     stop = asyncio.Event()
     durations: list[float] = []
+    cpu: list[float] = []
     sink_dir = Path(spec["sink_dir"]) if spec.get("sink_dir") else None
 
     async def on_model(message: Message) -> float:
         elapsed = time.monotonic() - float(message.envelope.headers["t0"])  # type: ignore[arg-type]
         durations.append(elapsed)
+        cpu.append(cpu_seconds())
         return elapsed
 
     async def on_file(message: Message) -> float:
@@ -193,6 +205,7 @@ async def cell_recv(spec: dict[str, Any]) -> None:
         stats = server.statistics().streams
     emit({
         "durations": durations[1:],
+        "cpu_s": cpu[-1] - cpu[0] if cpu else 0.0,
         "peak_rss_mib": peak_rss_mib(),
         "streams_received": stats.streams_received,
         "peak_inbound_bytes_admitted": stats.peak_inbound_bytes_admitted,
@@ -204,14 +217,17 @@ async def cell_send(spec: dict[str, Any]) -> None:
 
     model = make_model(spec["size"])
     warmup = model if spec["size"] <= WARMUP_BYTES else make_model(WARMUP_BYTES)
+    cpu: list[float] = []
     async with Cell("site-1", parent=spec["url"], config=cell_config(spec)) as site:
         for rep in range(spec["reps"] + 1):
             payload = warmup if rep == 0 else model
             await site.request("server", "model", payload, timeout=900,
                                headers={"t0": time.monotonic()})  # fmt: skip
+            cpu.append(cpu_seconds())
         stats = site.statistics().streams
         await site.send("server", "stop")
-    emit({"peak_rss_mib": peak_rss_mib(), "peak_in_flight": stats.peak_in_flight})
+    emit({"cpu_s": cpu[-1] - cpu[0], "peak_rss_mib": peak_rss_mib(),
+          "peak_in_flight": stats.peak_in_flight})  # fmt: skip
 
 
 async def file_send(spec: dict[str, Any]) -> None:
@@ -309,7 +325,15 @@ def transfer(transport: str, size: int, reps: int, chunk: int, window: int) -> d
         "send_peak_rss_mib": round(cell["sender"]["peak_rss_mib"], 1),
         "recv_peak_rss_mib": round(cell["receiver"]["peak_rss_mib"], 1),
         "peak_in_flight_mib": cell["sender"]["peak_in_flight"] / MiB,
+        # CPU seconds per GiB moved (all threads), sender + receiver: robust to a busy machine.
+        "zmq_cpu_s_per_gib": round(cpu_per_gib(raw, size, reps), 3),
+        "fedcell_cpu_s_per_gib": round(cpu_per_gib(cell, size, reps), 3),
     }
+
+
+def cpu_per_gib(pair: dict[str, Any], size: int, reps: int) -> float:
+    cpu = pair["sender"]["cpu_s"] + pair["receiver"]["cpu_s"]
+    return cpu / (size * reps / GiB)
 
 
 def file_stream(size: int, chunk: int, window: int) -> dict[str, Any]:
@@ -356,8 +380,14 @@ def blosc2_bf16(total: int, chunk: int) -> dict[str, Any]:
 
 def sweep() -> None:
     size = 256 * MiB
-    print(f"chunk x window sweep, fedcell through cells, {size // MiB} MiB, median of 3 (GB/s)")
+    print(f"chunk x window sweep, fedcell through cells, {size // MiB} MiB, median of 3: GB/s, "
+          "CPU s per GiB (sender + receiver)")  # fmt: skip
     for transport in ("tcp", "ipc"):
+        raw = run_pair("zmq-pull", "zmq-push", {"size": size, "reps": 3, "chunk_size": MiB,
+                       "window": 0, "url": listen_url(transport), "ack_url": listen_url(transport)})
+        print(f"  {transport} raw pyzmq, 1 MiB messages: "
+              f"{throughput(size, raw['receiver']['durations']):.2f} GB/s "
+              f"{cpu_per_gib(raw, size, 3):.2f} CPU s/GiB", flush=True)  # fmt: skip
         for chunk in (256 * KiB, 1 * MiB, 4 * MiB):
             for window in (4 * MiB, 16 * MiB, 64 * MiB):
                 if window < 2 * chunk:
@@ -366,8 +396,9 @@ def sweep() -> None:
                         "url": listen_url(transport)}  # fmt: skip
                 result = run_pair("cell-recv", "cell-send", spec)
                 gbps = throughput(size, result["receiver"]["durations"])
+                cpu = cpu_per_gib(result, size, 3)
                 print(f"  {transport} chunk {chunk // KiB:>5} KiB window {window // MiB:>3} MiB: "
-                      f"{gbps:.2f}", flush=True)  # fmt: skip
+                      f"{gbps:.2f} GB/s {cpu:.2f} CPU s/GiB", flush=True)  # fmt: skip
     print("threshold: request round trip of one array, streamed vs one piece (ms, median of 20)")
     for size in (256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB):
         row = []

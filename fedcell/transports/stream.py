@@ -13,7 +13,8 @@ the layout: for a message its envelope and codec tree (every array's dtype and s
 its name and meta. The receiver validates it, waits for admission, allocates the destination and
 answers ``GRANT``. The sender then sends ``DATA`` chunks, each with sequence, offset, raw length,
 codec and an xxh3_64 of its wire bytes; the receiver verifies and writes each chunk in place and
-acks cumulatively (``ACK upto``; acks coalesce when the receiver's outgoing queue is behind).
+acks cumulatively (``ACK upto``) every quarter window (acks also coalesce when the receiver's
+outgoing queue is behind).
 ``END`` carries the chunk count, size and xxh3_128 of the whole raw content; the receiver checks
 them, answers ``DONE`` and delivers. :meth:`StreamEndpoint.send_message` returns on ``DONE``.
 
@@ -563,7 +564,9 @@ class StreamEndpoint:
         results: dict[str, BaseException | None] = {}
         for out in outs:
             results[out.peer] = out.failure
-            if out.failure is None:
+            if out.failure is not None:
+                self._stats.streams_failed += 1
+            else:
                 self._stats.streams_sent += 1
                 self._stats.bytes_sent += out.size
                 self._learn_link(out)
@@ -769,7 +772,7 @@ class StreamEndpoint:
         queue.append(item)
 
     def _post_ack(self, stream: InboundStream) -> None:
-        if not stream.ack_posted:
+        if not stream.ack_posted and stream.received - stream.ack_sent >= stream.ack_every:
             stream.ack_posted = True
             self._post(stream.peer, stream)
 
@@ -786,6 +789,7 @@ class StreamEndpoint:
                     item.ack_posted = False
                     if item.closed:
                         continue
+                    item.ack_sent = item.received
                     frame = pack_header(Ack(item.sid, item.received))
                 else:
                     frame = item

@@ -14,7 +14,7 @@ table, and ``CANCEL`` names the side that sent it.
                                         ◀── QUEUED sid        (repeated while it waits)
                                         ◀── GRANT  sid        (arrays / temp file ready)
     DATA  sid seq off raw codec h  + frames ──▶   verify h, decompress, write in place
-                                        ◀── ACK    sid upto   (cumulative raw bytes written)
+                                        ◀── ACK    sid upto   (raw bytes written, every window/4)
     END   sid chunks size digest           ──▶   verify digest, deliver
                                         ◀── DONE   sid
     CANCEL sid side code reason            ◀─▶   either side, any time

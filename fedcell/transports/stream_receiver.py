@@ -270,6 +270,11 @@ class InboundStream:
         self.received = 0
         self.next_seq = 0
         self.last_progress = time.monotonic()
+        # Ack every quarter window: blocked senders always get one (a sender waits only once
+        # more than ``window - chunk`` bytes are unacked, which is at least ``ack_every``), at a
+        # quarter of the messages of acking every chunk.
+        self.ack_every = max(header.chunk, min(header.window // 4, header.window - header.chunk))
+        self.ack_sent = 0
         self.ack_posted = False
         self.closed = False
         self._digest = xxhash.xxh3_128()
