@@ -344,7 +344,7 @@ class StreamEndpoint:
             If the cell could not send a frame.
         """
         source, layout = self._message_source(message)
-        outcome = await self._stream(
+        outcome, _ = await self._stream(
             {peer: pack_envelope(message.envelope)}, "message", layout, source
         )
         if outcome[peer] is not None:
@@ -367,7 +367,8 @@ class StreamEndpoint:
         envelopes = {
             peer: pack_envelope(replace(message.envelope, receiver=peer)) for peer in dict.fromkeys(peers)
         }
-        return await self._stream(envelopes, "message", layout, source)
+        outcome, _ = await self._stream(envelopes, "message", layout, source)
+        return outcome
 
     async def send_file(
         self, peer: str, path: Path, *, channel: str, meta: dict[str, Any] | None = None
@@ -393,15 +394,14 @@ class StreamEndpoint:
         envelope = Message.create(self.name, peer, channel).envelope
         source = FileSource(path)
         try:
-            encoders: list[ChunkEncoder] = []
-            outcome = await self._stream(
-                {peer: pack_envelope(envelope)}, "file", layout, source, encoders
+            outcome, digest = await self._stream(
+                {peer: pack_envelope(envelope)}, "file", layout, source
             )
         finally:
             source.close()
         if outcome[peer] is not None:
             raise outcome[peer]  # type: ignore[misc]
-        return encoders[0].digest().hex()
+        return digest.hex()
 
     async def handle(self, peer: str, frames: list[Buffer]) -> None:
         """Process one incoming stream frame list from ``peer``. Never raises for bad input and
@@ -513,16 +513,15 @@ class StreamEndpoint:
         kind: StreamKind,
         layout: bytes,
         source: ChunkSource,
-        encoders: list[ChunkEncoder] | None = None,
-    ) -> dict[str, BaseException | None]:
+    ) -> tuple[dict[str, BaseException | None], bytes]:
+        """Stream ``source`` to every peer of ``envelopes``; return each peer's outcome and
+        the whole-stream digest."""
         if self._closed:
             raise StreamCancelledError("the stream endpoint is closed")
         cfg = self.config
         codec_name = self._choose_codec(source, list(envelopes))
         self._stats.codec_choices[codec_name] = self._stats.codec_choices.get(codec_name, 0) + 1
         encoder = ChunkEncoder(source, cfg.chunk_size, codec_name)
-        if encoders is not None:
-            encoders.append(encoder)
         tape = ChunkTape(encoder, envelopes)
         outs = [
             OutboundStream(peer, next(self._sids), source.size, cfg.window, self._sender(peer))
@@ -570,7 +569,7 @@ class StreamEndpoint:
                 self._stats.streams_sent += 1
                 self._stats.bytes_sent += out.size
                 self._learn_link(out)
-        return results
+        return results, encoder.digest()
 
     def _learn_link(self, out: OutboundStream) -> None:
         measured = out.throughput()
