@@ -162,7 +162,7 @@ class ProcessScriptHost:
 
     def _authenticate(self, hello: Hello) -> str:
         token = hello.claims.get("token")
-        if not (isinstance(token, str) and hmac.compare_digest(token, self._token)):
+        if not (isinstance(token, str) and hmac.compare_digest(token.encode(), self._token.encode())):
             self._logger.warning(
                 "%s: refused a process at %s that presented a wrong token",
                 self._label,
