@@ -203,6 +203,10 @@ def wire_size(value: Any) -> int:
     return len(pack_tree(tree)) + payload_nbytes(buffers)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _positive_int(owner: str, name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{owner}: {name} must be an integer >= 1, not {value!r}")
@@ -292,9 +296,7 @@ class SplitLearning(Controller):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"{owner}: seed must be an integer >= 0, not {self.seed!r}")
         if self.step_timeout is not None and not (
-            isinstance(self.step_timeout, (int, float))
-            and not isinstance(self.step_timeout, bool)
-            and self.step_timeout > 0
+            _is_number(self.step_timeout) and self.step_timeout > 0
         ):
             raise ConfigError(
                 f"{owner}: step_timeout must be a number > 0, not {self.step_timeout!r}"
@@ -365,6 +367,8 @@ class SplitLearning(Controller):
             (self.data_site, data, "data"),
             (self.label_site, label, "label"),
         ):
+            if not (isinstance(reply.counts, dict) and isinstance(reply.digests, dict)):
+                raise ProtocolError(f"{site} answered setup without per-split counts and digests")
             if reply.role != role:
                 raise ConfigError(
                     f"{owner}: {site} should be the {role} site but runs the {reply.role} "
@@ -398,6 +402,8 @@ class SplitLearning(Controller):
             cut = await self._ask(ctx, self.data_site, TRAIN_TASK, forward, CutActivations, step)
             backward = LabelRequest("train", rows, cut.activations)
             reply = await self._ask(ctx, self.label_site, TRAIN_TASK, backward, CutGradient, step)
+            if not _is_number(reply.loss):
+                raise ProtocolError(f"{self.label_site} sent loss {reply.loss!r:.40} for {step}")
             gradient = reply.gradient
             traffic.batches += 1
             traffic.loss_sum += float(reply.loss)
@@ -417,10 +423,16 @@ class SplitLearning(Controller):
             cut = await self._ask(ctx, self.data_site, EVALUATE_TASK, forward, CutActivations, step)
             request = LabelRequest("validate", rows, cut.activations)
             counts = await self._ask(ctx, self.label_site, EVALUATE_TASK, request, EvalCounts, step)
-            if counts.count != len(rows) or not 0 <= counts.correct <= counts.count:
+            if not (
+                _is_number(counts.loss_sum)
+                and isinstance(counts.correct, int)
+                and counts.count == len(rows)
+                and 0 <= counts.correct <= counts.count
+            ):
                 raise ProtocolError(
-                    f"{self.label_site} evaluated {step} as {counts.correct}/{counts.count} "
-                    f"correct; the batch has {len(rows)} samples"
+                    f"{self.label_site} evaluated {step} as {counts.correct!r:.20}/"
+                    f"{counts.count!r:.20} correct (loss sum {counts.loss_sum!r:.20}); the "
+                    f"batch has {len(rows)} samples"
                 )
             correct += counts.correct
             count += counts.count

@@ -20,7 +20,8 @@ split::
 rows by id so that row positions in the controller's requests mean the same sample at both sites.
 
 Setup (per run) loads both splits, builds the half under ``torch.manual_seed(seed)`` (the seed
-comes from the controller; the global RNG is restored afterwards) and creates the optimizer
+comes from the controller; the global RNG is restored afterwards, and a lock keeps sites that
+share a process from seeding each other's build) and creates the optimizer
 ``torch.optim.<optimizer>(params, **optimizer_args)``. A rerun of setup starts from scratch.
 
 State between tasks: the data site keeps the graph of its last training forward until the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -65,6 +67,10 @@ __all__ = ["SplitDataExecutor", "SplitLabelExecutor"]
 
 SplitLoader = Callable[[str], tuple[Any, Any]]
 """``loader(split) -> (sample_ids, values)``: one site's part of a split."""
+
+#: Seeded model building uses torch's process-wide RNG: sites sharing a process (the threads
+#: simulator) build one at a time so each gets exactly its seed's weights.
+_SEEDED_BUILD = threading.Lock()
 
 
 def _aligned(loader: SplitLoader, split: str, what: str) -> tuple[torch.Tensor, str]:
@@ -184,7 +190,7 @@ class _SplitSite(Executor):
             values, digests[split] = _aligned(loader, split, what)
             self._data[split] = values.to(self.device)
         try:
-            with torch.random.fork_rng(devices=[]):
+            with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 module = self.model().to(self.device)
             self._optim = getattr(torch.optim, self.optimizer)(
@@ -279,7 +285,7 @@ class SplitDataExecutor(_SplitSite):
         pending, self._pending = self._pending, None
         try:
             self._optim.zero_grad(set_to_none=True)
-            pending.backward(checked.to(device=pending.device, dtype=pending.dtype))
+            torch.autograd.backward(pending, checked.to(device=pending.device, dtype=pending.dtype))
             self._optim.step()
         except Exception as exc:
             raise user_code_failed("the bottom model's backward", exc) from exc
@@ -338,7 +344,7 @@ class SplitLabelExecutor(_SplitSite):
                 correct = int((logits.argmax(dim=1) == targets).sum())
                 return EvalCounts(correct, len(rows), float(loss) * len(rows))
             self._optim.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             self._optim.step()
         except Exception as exc:
             raise user_code_failed("the top model or loss", exc) from exc

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -267,6 +267,33 @@ def test_a_site_answering_the_wrong_message_is_a_protocol_error(example: dict[st
         run(SplitLearning(), handlers)
 
 
+@pytest.mark.parametrize(
+    ("kind", "tamper", "error"),
+    [
+        (CutGradient, lambda r: CutGradient(r.gradient, "low"), "loss 'low' for epoch 0 batch 0"),
+        (EvalCounts, lambda r: EvalCounts(9999, r.count, r.loss_sum), "as 9999/"),
+        (EvalCounts, lambda r: EvalCounts(r.correct, r.count + 1, r.loss_sum), "has 1024 samples"),
+        (EvalCounts, lambda r: EvalCounts(r.correct, r.count, None), "loss sum None"),
+        (SiteSamples, lambda r: SiteSamples(r.role, [1], r.digests), "without per-split counts"),
+    ],
+)
+def test_malformed_replies_are_protocol_errors(
+    example: dict[str, Any], kind: type, tamper: Callable[[Any], Any], error: str
+) -> None:
+    # Prepare: a label site whose replies of one message type are rewritten on the way
+    label_site = handler(label_executor(example))
+
+    async def tampering(site: str, task: Task) -> Any:
+        result = await label_site(site, task)
+        return tamper(result) if isinstance(result, kind) else result
+
+    handlers = {"site-1": handler(data_executor(example)), "site-2": tampering}
+
+    # Execute / Assert
+    with pytest.raises(ProtocolError, match=error):
+        run(SplitLearning(epochs=1), handlers)
+
+
 def test_sites_must_be_in_the_job(example: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"\['site-3'\] are not sites of the job"):
         run(SplitLearning(label_site="site-3"), split_pair(example))
@@ -442,6 +469,39 @@ def test_setup_builds_the_same_initial_weights_for_the_same_seed(example: dict[s
         cuts.append(execute(site, EVALUATE_TASK, ForwardRequest("validate", ROWS)).activations)
     assert torch.equal(cuts[0], cuts[1])
     assert not torch.equal(cuts[0], cuts[2])
+
+
+def test_sites_building_at_once_in_one_process_each_get_their_seed(
+    example: dict[str, Any],
+) -> None:
+    # Prepare: the same seed built alone, then four builds racing on worker threads; the
+    # factory pauses between layers, so an unguarded global RNG would be reseeded mid-build
+    def slow_bottom() -> torch.nn.Module:
+        first = torch.nn.Linear(32, 64)
+        time.sleep(0.02)
+        return torch.nn.Sequential(first, torch.nn.ReLU(), torch.nn.Linear(64, 16))
+
+    reference = started(data_executor(example, model=slow_bottom), seed=5)
+    racers = [data_executor(example, model=slow_bottom) for _ in range(4)]
+
+    async def race() -> None:
+        await asyncio.gather(*(r.start(SiteContext("s", "j")) for r in racers))
+        seeds = (5, 6, 5, 6)
+        await asyncio.gather(
+            *(
+                r.execute(Task(SETUP_TASK, props={"seed": s}))
+                for r, s in zip(racers, seeds, strict=True)
+            )
+        )
+
+    # Execute
+    asyncio.run(race())
+
+    # Assert
+    expected = execute(reference, EVALUATE_TASK, ForwardRequest("validate", ROWS)).activations
+    for racer in racers[::2]:
+        cut = execute(racer, EVALUATE_TASK, ForwardRequest("validate", ROWS))
+        assert torch.equal(cut.activations, expected)
 
 
 # ------------------------------------------------------------------ configuration and export
