@@ -7,7 +7,9 @@ Which models (``models``):
     with the node's name. At least one upstream FLModel is required.
 ``"local"``
     Each site's own model: a ``submit_model`` task asks each target site for it, one site at a
-    time. A row per site that hands it over, labelled with the site's name.
+    time. A row per site that hands it over, labelled with the site's name. The task carries
+    ``FLModel(meta={"submit_model_name": "best_model"})``, the name NVIDIA FLARE sends, so a
+    FLARE script that checks it answers unchanged.
 ``"both"`` (default)
     The global rows first, then the local ones.
 
@@ -59,12 +61,22 @@ from fedcell.engine.dispatcher import Controller, ControllerContext, Task, TaskR
 from fedcell.errors import ConfigError, ProtocolError, TooFewResultsError
 from fedcell.fl_model import FLModel, ParamsType
 
-__all__ = ["REFUSED", "CrossSiteEval", "format_matrix", "matrix_table", "refusal"]
+__all__ = [
+    "LOCAL_MODEL_NAME",
+    "REFUSED",
+    "CrossSiteEval",
+    "format_matrix",
+    "matrix_table",
+    "refusal",
+]
 
 #: The ``FLModel.meta`` key by which a site refuses to submit its local model (value: reason).
 REFUSED = "refused"
 
 ModelSource = Literal["local", "global", "both"]
+
+#: ``meta["submit_model_name"]`` of a submit_model task (NVIDIA FLARE's ``ModelName.BEST_MODEL``).
+LOCAL_MODEL_NAME = "best_model"
 
 #: File the matrix is written to in the node's workspace.
 RESULT_FILE = "cross_site_eval.json"
@@ -242,7 +254,7 @@ class CrossSiteEval(Controller):
         """``site``'s local params, or ``None`` (recorded) when it refused or dropped."""
         task = Task(
             self.submit_model_task,
-            FLModel(meta={"submit_model_name": "local"}),
+            FLModel(meta={"submit_model_name": LOCAL_MODEL_NAME}),
             props=dict(self.task_props),
             timeout=self.task_timeout,
         )
