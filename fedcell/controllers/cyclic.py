@@ -22,7 +22,9 @@ fails the node with :class:`~fedcell.errors.TooFewResultsError` (the model canno
 Memory: the controller keeps the last good model only; every earlier hop's result is dropped as
 soon as its record is written. Over cells the relay goes through the server (a model streams
 site → server → next site when it is above the stream threshold); the server holds the model it
-relays and, while it arrives, the next one.
+relays and, while it arrives, the next one. Measured on 2 shared, busy cores (load ≈ 10): a hop
+costs about 0.4 ms with a tiny model and 8 in-process sites over cells; an 8 MiB model about
+80 ms per hop in process and 170 ms with site processes over ipc (it crosses twice).
 
 Output: the last good model as an FLModel (FULL); ``metrics`` are those of the last ok hop;
 ``meta["history"]`` holds one record per hop (``round`` (the lap), ``hop``, ``site``,
