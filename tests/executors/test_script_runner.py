@@ -367,3 +367,41 @@ def test_script_output_becomes_site_log_lines(
     assert (logging.INFO, prefix + "last words without a newline") in site_lines
     assert not any("10%" in message for _, message in site_lines)
     assert sys.stdout is stdout_before
+
+
+@pytest.mark.integration
+def test_a_task_the_wire_cannot_carry_fails_alone(scripts: Path) -> None:
+    async def main() -> tuple[TaskResult, TaskResult]:
+        runner = ScriptRunner(script=scripts / "echo_script.py", mode="subprocess", params_format="native")
+        await runner.start(site())
+        try:
+            unencodable = await dispatch(runner, "train", FLModel(params={"w": {1, 2}}))
+            fine = await dispatch(runner, "train", FLModel(params={"w": np.ones(2)}))
+        finally:
+            await runner.stop()
+        return unencodable, fine
+
+    unencodable, fine = asyncio.run(main())
+
+    assert unencodable.status == "failed" and "cannot be sent to script echo_script.py" in unencodable.error
+    assert fine.ok and np.array_equal(fine.data.params["w"], np.ones(2))
+
+
+def test_stop_gives_up_waiting_for_a_thread_script_that_ignores_the_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    script = tmp_path / "slow_to_leave.py"
+    script.write_text(
+        "import time\nimport fedcell.client as flare\nflare.init()\n"
+        "while flare.is_running():\n    pass\ntime.sleep(0.5)\n"
+    )
+
+    async def main() -> None:
+        runner = ScriptRunner(script=script, stop_grace=0.1)
+        await runner.start(site())
+        await runner.stop()
+
+    asyncio.run(main())
+
+    assert "did not end within 0.1 s" in caplog.text
+    # The script's thread leaves by itself a moment later (the leak check waits for it).
