@@ -32,6 +32,7 @@ from fedcell.fl_model import FLModel, ParamsType
 
 __all__ = ["AnalyticsDataType", "ClientAPI"]
 
+
 class AnalyticsDataType(str, enum.Enum):
     """What ``flare.log`` records, as NVIDIA FLARE names it."""
 
@@ -58,7 +59,8 @@ class ClientAPI:
     session:
         The script's end of the exchange with its executor.
     rank:
-        The process rank (kept for FLARE compatibility; every rank talks to the site).
+        The process rank, kept for FLARE compatibility: a ScriptRunner serves one script
+        process, so multi-process (``torchrun``) scripts are not supported yet.
     """
 
     def __init__(self, session: ScriptSession, rank: str | None = None) -> None:
@@ -150,6 +152,3 @@ class ClientAPI:
 
     def log(self, key: str, value: Any, data_type: AnalyticsDataType | str, **extras: Any) -> None:
         self._session.log(ScriptLog(key, value, str(data_type), dict(extras)))
-
-    def close(self) -> None:
-        self._session.close()
