@@ -457,6 +457,7 @@ class CellSession(ScriptSession):
         self._call(cell.send(self._host, CHANNEL, record, topic="log"))
 
     def close(self) -> None:
+        """Leave the site and stop the cell's thread. Idempotent."""
         if self._closed:
             return
         self._closed = True

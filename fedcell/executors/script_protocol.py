@@ -155,10 +155,6 @@ class ScriptSession(abc.ABC):
     def log(self, record: ScriptLog) -> None:
         """Pass a log record to the site."""
 
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Release the session's resources. Idempotent."""
-
 
 _binding = threading.local()
 

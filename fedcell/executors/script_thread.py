@@ -119,9 +119,6 @@ class ThreadSession(ScriptSession):
     def log(self, record: ScriptLog) -> None:
         self.call_on_loop(self._on_log, record)
 
-    def close(self) -> None:
-        """Nothing to release: the thread's binding ends with the script run."""
-
     def call_on_loop(self, callback: Callable[..., None], *args: Any) -> None:
         """Run ``callback(*args)`` on the executor's loop; dropped if the loop is closed."""
         with contextlib.suppress(RuntimeError):  # a closed loop has nobody left to tell

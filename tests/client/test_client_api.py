@@ -24,7 +24,9 @@ from fedcell.fl_model import FLModel, ParamsType
 
 class RecordingSession(ScriptSession):
     def __init__(self, params_format: str = "native") -> None:
-        self.site_info = SiteInfo("site-3", "job-9", params_format=params_format, config={"lr": 0.1})
+        self.site_info = SiteInfo(
+            "site-3", "job-9", params_format=params_format, config={"lr": 0.1}
+        )
         self.tasks: queue.Queue[ScriptTask | None] = queue.Queue()
         self.results: list[ScriptResult] = []
         self.logs: list[ScriptLog] = []
@@ -40,9 +42,6 @@ class RecordingSession(ScriptSession):
 
     def log(self, record: ScriptLog) -> None:
         self.logs.append(record)
-
-    def close(self) -> None:
-        pass
 
 
 def task(task_id: str, name: str = "train", **fields: Any) -> ScriptTask:
