@@ -165,11 +165,12 @@ def main() -> None:
                 raw += measure("raw", url, sizes, chunk, options.payload)
                 ours += measure("fedcell", url, sizes, chunk, options.payload)
             scheme = url.partition(":")[0]
+            ratio = statistics.median(ours) / statistics.median(raw)
             print(
                 f"{scheme}: {options.size_mib} MiB in {options.chunk_mib} MiB messages, GB/s "
                 f"median (best) of {len(raw)}: raw pyzmq {statistics.median(raw):.2f} "
                 f"({max(raw):.2f}), ZmqTransport/{options.payload} {statistics.median(ours):.2f} "
-                f"({max(ours):.2f}); ratio of medians {statistics.median(ours) / statistics.median(raw):.2f}"
+                f"({max(ours):.2f}); ratio of medians {ratio:.2f}"
             )
 
 

@@ -34,22 +34,23 @@ one reader per connection, so queues drain. Frames smaller than ``copy_threshold
 as ``bytes``; larger ones as the ``memoryview`` of the ZeroMQ frame (no copy, private to the
 receiver).
 
-Sending. Small frames are copied into ZeroMQ messages; frames of at least ``copy_threshold``
-bytes are sent without copying. ZeroMQ reads a zero-copy buffer after ``send`` has handed it over
-(its I/O thread writes it to the kernel later), so to keep the contract that a caller may reuse
-its buffers once ``send`` returns, ``send`` tracks zero-copy frames whose buffer can change
-(anything but ``bytes`` or a view of ``bytes``) and returns only when ZeroMQ has released them.
-pyzmq signals the release through a ``threading.Event``, so the wait runs in the loop's default
-executor: one thread per send whose peer is slow to drain (a peer that stops reading holds a
-thread until it reads, disconnects or this connection closes). ``send_nowait`` cannot wait, so
-it copies mutable frames above the threshold; ``bytes`` always travel without a copy. ``send``
-first tries a non-blocking send; when the peer's pipe is full it waits for the socket to become
-writable (``POLLOUT``) rather than spinning. On a ROUTER, ``POLLOUT`` means *some* peer is
+Sending. Small frames are copied into ZeroMQ messages; frames of at least ``copy_threshold`` bytes
+are sent without copying. ZeroMQ reads a zero-copy buffer after ``send`` has handed it over (its
+I/O thread writes it to the kernel later), so to keep the contract that a caller may reuse its
+buffers once ``send`` returns, ``send`` tracks zero-copy frames whose buffer can change (anything
+but ``bytes`` or a view of ``bytes``) and returns only when ZeroMQ has released them. pyzmq signals
+the release through a ``threading.Event``, so the wait runs in the loop's default executor: one
+thread per send whose peer is slow to drain (a peer that stops reading holds a thread until it
+reads, disconnects or this connection closes). ``send_nowait`` cannot wait, so it copies mutable
+frames above the threshold; ``bytes`` always travel without a copy. ``send`` first tries a
+non-blocking send; when the peer's pipe is full it waits for the socket to become writable
+(``POLLOUT``, re-checked every 100 ms: a ROUTER pipe whose peer left never becomes writable, only a
+retried send reports it) rather than spinning. On a ROUTER, ``POLLOUT`` means *some* peer is
 writable, so when it is set but this peer's pipe is still full, ``send`` sleeps with a short
 exponential backoff (0.5 ms doubling to 20 ms) before retrying. The fast paths call the socket
-through a blocking-API view; ZeroMQ's fd is edge-triggered, so after each such call pyzmq's
-asyncio wrapper is told to re-check the socket (:func:`_rearm`), or a waiting reader could sleep
-through a message that already arrived.
+through a blocking-API view; ZeroMQ's fd is edge-triggered, so after each such call pyzmq's asyncio
+wrapper is told to re-check the socket (:func:`_rearm`), or a waiting reader could sleep through a
+message that already arrived.
 
 Socket options: ``LINGER 0`` (close never blocks), ``SNDHWM``/``RCVHWM`` = ``queue_size``,
 ``ROUTER_MANDATORY`` (a send to a vanished identity raises
@@ -117,6 +118,7 @@ RECONNECT_IVL_MS: Final = 100
 RECONNECT_IVL_MAX_MS: Final = 5000
 _BACKOFF_START_S: Final = 0.0005
 _BACKOFF_MAX_S: Final = 0.02
+_WRITABLE_RECHECK_MS: Final = 100
 _RELEASE_POLL_S: Final = 0.5
 _DROP_LOG_INTERVAL_S: Final = 1.0
 _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
@@ -359,7 +361,7 @@ class ZmqConnection(Connection):
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
             else:
                 await self._wait_writable(sock)
-            self._check_open()
+            self._check_open()  # and retry: raises if the peer left a ROUTER meanwhile
         # Our zmq.Frame objects hold a reference to their content too: ZeroMQ releases a
         # buffer only once they are gone as well.
         del parts
@@ -369,8 +371,14 @@ class ZmqConnection(Connection):
             await loop.run_in_executor(None, _wait_released, trackers, self)
 
     async def _wait_writable(self, sock: zmq.asyncio.Socket) -> None:
+        """Wait until ``sock`` is writable, or at most ``_WRITABLE_RECHECK_MS``.
+
+        Bounded because a ROUTER pipe that vanishes (the peer left) never becomes writable:
+        only a retried send tells, with ``EHOSTUNREACH``.
+        """
         # pyzmq's stub of the asyncio poll lacks the ``flags`` argument it accepts.
-        waiter = asyncio.ensure_future(sock.poll(None, zmq.POLLOUT))  # type: ignore[call-arg]
+        poll = sock.poll(_WRITABLE_RECHECK_MS, zmq.POLLOUT)  # type: ignore[call-arg]
+        waiter = asyncio.ensure_future(poll)
         self._send_waiters.add(waiter)
         try:
             await waiter

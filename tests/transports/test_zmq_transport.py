@@ -370,3 +370,31 @@ def test_garbage_from_a_raw_router_is_dropped_by_the_client() -> None:
             raw.close(linger=0)
 
     asyncio.run(main())
+
+
+def test_a_send_waiting_on_a_full_peer_fails_when_the_peer_leaves() -> None:
+    async def main() -> None:
+        # Prepare: the client does not read, so the listener's pipe to it fills up.
+        transport = ZmqTransport(TransportOptions(queue_size=1))
+        listener = await transport.listen("tcp://127.0.0.1:0")
+        client = await transport.connect(listener.url)
+        try:
+            server = await asyncio.wait_for(listener.accept(), TIMEOUT_S)
+            frame = bytes(1024 * 1024)
+            blocked = asyncio.ensure_future(server.send([frame]))
+            for _ in range(1000):
+                await asyncio.wait({blocked}, timeout=0.05)
+                if not blocked.done():
+                    break
+                blocked = asyncio.ensure_future(server.send([frame]))
+            assert not blocked.done(), "the listener's send never waited"
+            # Execute
+            await client.close()
+            # Assert
+            with pytest.raises(ConnectError, match="is not connected"):
+                await asyncio.wait_for(blocked, TIMEOUT_S)
+        finally:
+            await client.close()
+            await listener.close()
+
+    asyncio.run(main())
