@@ -1048,9 +1048,7 @@ class Cell:
         if link is self._parent_link:
             self._parent_link = None
         if link.reader is not None and link.reader is not asyncio.current_task():
-            link.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await link.reader
+            await _cancel_and_wait(link.reader)
         await link.conn.close()
 
     async def _accept_loop(self, listener: Listener) -> None:
@@ -1175,9 +1173,7 @@ class Cell:
     async def _reconnect(self, link: _Link) -> None:
         assert link.url is not None
         if link.reader is not None:
-            link.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await link.reader
+            await _cancel_and_wait(link.reader)
         await link.conn.close()
         link.detached_since = time.monotonic()
         try:
@@ -1391,6 +1387,13 @@ class Cell:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: background task failed", self._name, exc_info=task.exception())
+
+
+async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end, without swallowing a cancellation of the caller
+    (``await task`` inside ``suppress(CancelledError)`` would: stop() could then hang)."""
+    task.cancel()
+    await asyncio.wait([task])
 
 
 def _fail_unless_done(future: asyncio.Future[Any], error: BaseException) -> None:

@@ -4,9 +4,9 @@ Usage::
 
     python cell_proc.py NAME [--listen URL] [--parent URL] [--heartbeat S] [--peer-timeout S]
 
-Prints one line once started (the URL it listens on, or its name) and answers ``echo`` requests
-with ``{"payload", "pid", "route"}``. Serves until SIGTERM (a clean stop) or SIGKILL (the crash
-the tests simulate).
+Prints one line once started (the URL it listens on, or its name), answers ``echo`` requests
+with ``{"payload", "pid", "route"}`` and ``sleep`` requests after ``payload`` seconds. Serves
+until SIGTERM (a clean stop) or SIGKILL (the crash the tests simulate).
 """
 
 from __future__ import annotations
@@ -25,10 +25,16 @@ async def echo(message: Message) -> Any:
     return {"payload": message.payload, "pid": os.getpid(), "route": list(message.envelope.route)}
 
 
+async def sleep(message: Message) -> None:
+    await asyncio.sleep(float(message.payload))
+
+
 async def serve(args: argparse.Namespace) -> None:
     config = CellConfig(heartbeat_interval=args.heartbeat, peer_timeout=args.peer_timeout)
-    async with Cell(args.name, listen=args.listen, parent=args.parent, config=config) as cell:
-        cell.register("echo", echo)
+    cell = Cell(args.name, listen=args.listen, parent=args.parent, config=config)
+    cell.register("echo", echo)  # before start: a peer may call as soon as it sees us join
+    cell.register("sleep", sleep)
+    async with cell:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         print(cell.url if args.listen else cell.name, flush=True)

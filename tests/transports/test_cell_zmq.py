@@ -182,3 +182,37 @@ def test_a_large_model_streams_site_to_site_over_tcp() -> None:
             assert sites[0].statistics().streams.streams_received == 1
 
     asyncio.run(main())
+
+
+def test_a_killed_site_process_fails_its_pending_request_at_the_peer_timeout() -> None:
+    async def main() -> None:
+        async with Cell("server", listen="tcp://127.0.0.1:0", config=CONFIG) as server:
+            # Prepare: a site process busy with a long request
+            events: list[tuple[str, str]] = []
+            server.add_peer_listener(lambda name, event: events.append((name, event)))
+            site = subprocess.Popen(
+                [sys.executable, str(CELL_SCRIPT), "site-1", "--parent", server.url,
+                 "--heartbeat", "0.1"],
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                await until(lambda: "site-1" in server.peers)
+                busy = asyncio.create_task(server.request("site-1", "sleep", 60, timeout=120))
+                await asyncio.sleep(0.2)
+
+                # Execute: the site crashes (no goodbye)
+                site.kill()
+                site.wait()
+                killed_at = time.monotonic()
+
+                # Assert: the server learns from the missing heartbeats, not at the timeout
+                with pytest.raises(UnreachableError, match="'site-1' is gone"):
+                    await busy
+                assert time.monotonic() - killed_at < CONFIG.peer_timeout + 2
+                assert events == [("site-1", "joined"), ("site-1", "left")]
+            finally:
+                if site.poll() is None:
+                    site.kill()
+                    site.wait()
+
+    asyncio.run(main())
