@@ -31,6 +31,7 @@ All configuration is plain data (numbers, strings, lists, dicts), so a job expor
 from __future__ import annotations
 
 import abc
+import asyncio
 import importlib
 import math
 import operator
@@ -228,7 +229,9 @@ class ScatterGather(Controller):
             raise ConfigError(
                 f"{owner}: min_clients={needed} exceeds the {len(targets)} sites {targets}"
             )
-        global_params = self._initial_params(ctx)
+        # Building a model (a factory, a checkpoint) can take seconds: keep the loop, and with
+        # it the cells' heartbeats, running meanwhile.
+        global_params = await asyncio.to_thread(self._initial_params, ctx)
         history: list[dict[str, Any]] = []
         state: dict[str, Any] = {}
         metrics: dict[str, float] = {}

@@ -51,11 +51,13 @@ from typing import Any, Literal
 from fedcell.engine.cell_dispatcher import JOB_END_CHANNEL, CellDispatcher
 from fedcell.engine.job import Job
 from fedcell.engine.job_runner import JobResult, JobRunner
+from fedcell.engine.memory import keep_large_allocations_returnable
 from fedcell.engine.progress import ProgressEvent, ProgressSink
 from fedcell.engine.site_runtime import SiteRuntime
 from fedcell.errors import ConfigError, JobError
 from fedcell.fl_model import FLModel
 from fedcell.transports.cell import Cell, CellConfig
+from fedcell.transports.stream import StreamConfig
 
 __all__ = ["SimulationResult", "run_simulation", "simulate", "site_names"]
 
@@ -144,6 +146,7 @@ async def run_simulation(
     transport: Literal["ipc", "tcp"] = "ipc",
 ) -> SimulationResult:
     """Async form of :func:`simulate`."""
+    keep_large_allocations_returnable()
     names = list(sites) if sites is not None else site_names(n_clients or 2)
     if mode not in ("threads", "processes"):
         raise ConfigError(f"simulation mode must be 'threads' or 'processes', not {mode!r}")
@@ -167,6 +170,10 @@ async def run_simulation(
 
 #: Thread-pool variables of the numeric libraries sites use (torch/OpenMP, MKL, OpenBLAS).
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+#: The server's budget for partially received messages (one large model is always admitted).
+SERVER_INBOUND_BYTES = 256 * 1024 * 1024
 
 
 def _threads_per_site(n_sites: int) -> int:
@@ -206,7 +213,10 @@ def _shared_cpus(n_sites: int) -> Iterator[None]:
 def _server_config(n_sites: int) -> CellConfig:
     # Many in-process sites share one core: space heartbeats out so they stay cheap.
     interval = 1.0 if n_sites <= 64 else 5.0
-    return CellConfig(heartbeat_interval=interval, peer_timeout=interval * 10)
+    # Results of all sites stream in at once: admit about one large model at a time, so the
+    # server holds the global model, the accumulator and one incoming result, flat in N.
+    streams = StreamConfig(max_inbound_bytes=SERVER_INBOUND_BYTES)
+    return CellConfig(heartbeat_interval=interval, peer_timeout=interval * 10, stream=streams)
 
 
 async def _run_threads(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fedcell.engine.cell_dispatcher import JOB_END_CHANNEL
 from fedcell.engine.job import Job
+from fedcell.engine.memory import keep_large_allocations_returnable
 from fedcell.engine.site_runtime import SiteRuntime
 from fedcell.transports.cell import Cell
 from fedcell.transports.message import Message
@@ -72,6 +73,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_large_allocations_returnable()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return asyncio.run(serve(_parse(argv)))
 
