@@ -117,7 +117,9 @@ def run_peer(name: str, n_sites: int, rounds: int = 20, timeout: float = 600.0) 
     dict
         On success: ``peer``, ``sites``, ``rounds``, ``round_s`` (steady-state median seconds per
         round), ``first_round_end_s`` (launch to the end of round 1), ``round_end_s``,
-        ``round_durations_s``, ``peer_version`` and ``wall_s`` (the whole run). On failure:
+        ``round_durations_s``, ``peer_version``, ``wall_s`` (the whole run) and ``load_1min``
+        (the machine's 1-minute load average before and after: figures taken on a machine
+        busy with other work are slower, Flower's most of all). On failure:
         ``peer``, ``sites``, ``rounds``, ``error`` and, where the peer printed anything,
         ``output_tail``. Nothing is raised.
     """
@@ -133,6 +135,7 @@ def run_peer(name: str, n_sites: int, rounds: int = 20, timeout: float = 600.0) 
             f"{name} is not installed; run `python -m benchmarks.peers setup {name}`",
         )
     token = uuid.uuid4().hex
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix=f"fedcell-{name}-") as workdir:
         launch_epoch = time.time()
         command = [
@@ -163,4 +166,5 @@ def run_peer(name: str, n_sites: int, rounds: int = 20, timeout: float = 600.0) 
     if "error" in result:
         result["output_tail"] = output[-OUTPUT_TAIL_CHARS:]
     result["wall_s"] = wall_s
+    result["load_1min"] = [load_before, os.getloadavg()[0]]
     return result
