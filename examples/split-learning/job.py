@@ -29,13 +29,19 @@ def make_job(epochs: int = 3, batch_size: int = 64, lr: float = 0.3) -> Job:
     optimizer_args = {"lr": lr}
     job.add_executor(
         SplitDataExecutor(
-            model=split_net.bottom, features=vertical_data.features, optimizer_args=optimizer_args
+            model=split_net.bottom,
+            features=vertical_data.features,
+            optimizer_args=optimizer_args,
+            save_as="bottom.pt",
         ),
         sites=["site-1"],
     )
     job.add_executor(
         SplitLabelExecutor(
-            model=split_net.top, labels=vertical_data.labels, optimizer_args=optimizer_args
+            model=split_net.top,
+            labels=vertical_data.labels,
+            optimizer_args=optimizer_args,
+            save_as="top.pt",
         ),
         sites=["site-2"],
     )

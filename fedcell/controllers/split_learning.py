@@ -14,7 +14,7 @@ Who drives the batch loop
     than a hung peer-to-peer exchange). The price is that cut tensors cross the server: each
     is sent twice on the wire (site → server → other site). At cut-layer sizes (a batch × a few
     dozen floats) that is a few kilobytes a batch; the per-batch cost is dominated by message
-    latency, which the pipelining below halves.
+    latency, which the pipelining below keeps to two round trips.
 
 One batch, pipelined (two messages per batch, not three)::
 
@@ -58,7 +58,8 @@ Bytes and time
     ``metrics.csv`` lists them), and each epoch is logged.
 
 Output
-    An :class:`~fedcell.fl_model.FLModel` without params (the halves stay at their sites) whose
+    An :class:`~fedcell.fl_model.FLModel` without params (the halves stay at their sites, which
+    save them when asked, see the executors' ``save_as``) whose
     ``metrics`` are the validation ``accuracy`` and ``loss``; ``meta`` holds ``history`` (per
     epoch: train loss, batches, seconds, ms per batch, bytes per batch by sender) and
     ``bytes_per_batch`` / ``ms_per_batch`` over the whole run.

@@ -24,6 +24,9 @@ comes from the controller; the global RNG is restored afterwards, and a lock kee
 share a process from seeding each other's build) and creates the optimizer
 ``torch.optim.<optimizer>(params, **optimizer_args)``. A rerun of setup starts from scratch.
 
+When the job ends (``stop``), a site with ``save_as`` set saves its trained half's
+``state_dict`` into its workspace: each half stays where it was trained.
+
 State between tasks: the data site keeps the graph of its last training forward until the
 matching gradient arrives (in the next request); the label site keeps nothing but its half and
 optimizer. Every request from the network is checked (types, row ranges, tensor shapes and
@@ -36,9 +39,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -64,6 +69,8 @@ from fedcell.errors import ConfigError, ProtocolError, TaskFailedError
 from fedcell.executors.base import Executor, SiteContext, user_code_failed
 
 __all__ = ["SplitDataExecutor", "SplitLabelExecutor"]
+
+logger = logging.getLogger(__name__)
 
 SplitLoader = Callable[[str], tuple[Any, Any]]
 """``loader(split) -> (sample_ids, values)``: one site's part of a split."""
@@ -115,12 +122,17 @@ class _SplitSite(Executor):
     optimizer: str = "SGD"
     optimizer_args: dict[str, Any] = field(default_factory=lambda: {"lr": 0.1})
     device: str = "cpu"
+    save_as: str | None = None
+    _workspace: Path | None = field(default=None, init=False, repr=False, compare=False)
     _module: torch.nn.Module | None = field(default=None, init=False, repr=False, compare=False)
     _optim: torch.optim.Optimizer | None = field(
         default=None, init=False, repr=False, compare=False
     )
     _data: dict[str, torch.Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False
+    )
+    _log: logging.Logger = field(
+        default_factory=lambda: logger, init=False, repr=False, compare=False
     )
 
     ROLE: ClassVar[SplitRole]
@@ -138,14 +150,27 @@ class _SplitSite(Executor):
         """One training or evaluation step on a request from the controller."""
 
     async def start(self, site: SiteContext) -> None:
-        """Check the optimizer name (the model and data are built at setup, per run).
+        """Check the configuration (the model and data are built at setup, per run).
 
         Raises
         ------
         ConfigError
-            If ``torch.optim`` has no optimizer named ``optimizer`` or ``optimizer_args`` is
-            not a dict with string keys.
+            If ``torch.optim`` has no optimizer named ``optimizer``, ``optimizer_args`` is not
+            a dict with string keys, or ``save_as`` is not a plain file name or the site has no
+            workspace to save it in.
         """
+        if self.save_as is not None:
+            if not isinstance(self.save_as, str) or Path(self.save_as).name != self.save_as:
+                raise ConfigError(
+                    f"{type(self).__name__}: save_as must be a file name, not {self.save_as!r}"
+                )
+            if site.workspace is None:
+                raise ConfigError(
+                    f"{type(self).__name__}: save_as={self.save_as!r} but site "
+                    f"{site.site_name!r} has no workspace"
+                )
+        self._workspace = site.workspace
+        self._log = site.logger
         optimizer_class = getattr(torch.optim, str(self.optimizer), None)
         if not (
             isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)
@@ -208,9 +233,14 @@ class _SplitSite(Executor):
         return _checked_rows(rows, len(self._data[split]), split).to(self.device)
 
     async def stop(self) -> None:
-        """Drop the model half, its optimizer, the data and any pending batch."""
-        self._module = self._optim = None
-        self._data = {}
+        """Save the trained half if ``save_as`` asks for it, then drop the half, its optimizer,
+        the data and any pending batch."""
+        module, self._module, self._optim, self._data = self._module, None, None, {}
+        if self.save_as is not None and self._workspace is not None and module is not None:
+            path = self._workspace / self.save_as
+            state = {name: value.detach().cpu() for name, value in module.state_dict().items()}
+            await asyncio.to_thread(torch.save, state, path)
+            self._log.info("saved the %s half of the split model to %s", self.ROLE, path)
 
 
 @dataclass(kw_only=True)
@@ -228,6 +258,9 @@ class SplitDataExecutor(_SplitSite):
         ``torch.optim.<optimizer>(bottom.parameters(), **optimizer_args)``.
     device:
         Where the bottom and the features live.
+    save_as:
+        File name in the site's workspace where the trained bottom's ``state_dict`` is saved
+        when the job ends (``torch.save``); ``None``: not saved.
     """
 
     features: SplitLoader
@@ -313,6 +346,9 @@ class SplitLabelExecutor(_SplitSite):
         ``torch.optim.<optimizer>(top.parameters(), **optimizer_args)``.
     device:
         Where the top and the labels live.
+    save_as:
+        File name in the site's workspace where the trained top's ``state_dict`` is saved when
+        the job ends (``torch.save``); ``None``: not saved.
     """
 
     labels: SplitLoader

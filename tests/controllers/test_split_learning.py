@@ -504,6 +504,49 @@ def test_sites_building_at_once_in_one_process_each_get_their_seed(
         assert torch.equal(cut.activations, expected)
 
 
+def test_stop_saves_the_trained_half_in_the_workspace(
+    example: dict[str, Any], tmp_path: Path
+) -> None:
+    # Prepare: one training step, so the saved weights are the trained ones
+    site = data_executor(example, save_as="bottom.pt")
+
+    async def main() -> torch.Tensor:
+        await site.start(SiteContext("site-1", "job-1", workspace=tmp_path))
+        await site.execute(Task(SETUP_TASK, props={"seed": 0}))
+        await site.execute(Task(TRAIN_TASK, ForwardRequest("train", ROWS)))
+        await site.execute(Task(TRAIN_TASK, ForwardRequest("train", None, torch.ones(8, 16))))
+        cut = await site.execute(Task(EVALUATE_TASK, ForwardRequest("validate", ROWS)))
+        await site.stop()
+        return cut.activations
+
+    # Execute
+    trained_cut = asyncio.run(main())
+
+    # Assert: the file rebuilds the trained bottom
+    bottom = example["net"].bottom()
+    bottom.load_state_dict(torch.load(tmp_path / "bottom.pt"))
+    _, features = example["data"].features("validate")
+    ids, _ = example["data"].features("validate")
+    inputs = torch.from_numpy(features[np.argsort(ids)][:8])
+    with torch.no_grad():
+        torch.testing.assert_close(bottom(inputs), trained_cut)
+
+
+@pytest.mark.parametrize(
+    ("save_as", "workspace", "error"),
+    [
+        ("../bottom.pt", True, "must be a file name"),
+        ("bottom.pt", False, "has no workspace"),
+    ],
+)
+def test_save_as_is_checked_at_start(
+    example: dict[str, Any], tmp_path: Path, save_as: str, workspace: bool, error: str
+) -> None:
+    context = SiteContext("site-1", "job-1", workspace=tmp_path if workspace else None)
+    with pytest.raises(ConfigError, match=error):
+        asyncio.run(data_executor(example, save_as=save_as).start(context))
+
+
 # ------------------------------------------------------------------ configuration and export
 
 

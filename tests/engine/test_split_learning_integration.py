@@ -38,6 +38,9 @@ def check_run(result: Any, central_accuracy: float) -> None:
     per_batch = output.meta["bytes_per_batch"]
     assert 64 * 16 * 4 * 0.9 < per_batch["data_site"] < 64 * 16 * 4 + 200
     assert 64 * 16 * 4 * 0.9 < per_batch["label_site"] < 64 * 16 * 4 + 200
+    # each site saved its trained half into its workspace (the simulator's job/custom folder)
+    for half in ("bottom.pt", "top.pt"):
+        assert (result.workspace / "job" / "custom" / half).stat().st_size > 1000
     with result.metrics_file.open() as fh:
         rows = list(csv.DictReader(fh))
     assert [row["round"] for row in rows] == [str(epoch) for epoch in range(EPOCHS)]
