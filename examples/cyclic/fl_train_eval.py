@@ -11,6 +11,8 @@ evaluation records the refusal.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from model import Net, evaluate, make_data
 from torch import nn
@@ -19,7 +21,7 @@ from torch.utils.data import DataLoader
 import fedcell.client as flare  # for NVIDIA FLARE: import nvflare.client as flare
 
 
-def train_epochs(net: nn.Module, loader: DataLoader, lr: float, epochs: int) -> int:
+def train_epochs(net: nn.Module, loader: DataLoader[Any], lr: float, epochs: int) -> int:
     """Train ``net`` in place; return the number of optimizer steps."""
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
@@ -45,6 +47,7 @@ def main() -> None:
 
     while flare.is_running():
         input_model = flare.receive()
+        assert input_model is not None  # is_running() just received it
         if flare.is_train():
             net.load_state_dict(input_model.params)
             steps = train_epochs(net, train_loader, lr, epochs=1)

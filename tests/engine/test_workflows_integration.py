@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from workflow_sites import DigitSite  # type: ignore[import-not-found]
+from workflow_sites import DigitSite
 
 from fedcell.controllers import CrossSiteEval, Cyclic
 from fedcell.engine.job import Job
