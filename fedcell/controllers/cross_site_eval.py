@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -235,16 +236,17 @@ class CrossSiteEval(Controller):
                     del params  # hold one local model at a time
                 ctx.report(len(upstream) + index + 1, total)
         output = evaluation.as_dict()
-        ctx.logger.info("%s:\n%s", ctx.node, format_matrix(output, self.metric))
+        if ctx.logger.isEnabledFor(logging.INFO):
+            ctx.logger.info("%s:\n%s", ctx.node, format_matrix(output, self.metric))
         if ctx.workspace is not None:
             (ctx.workspace / RESULT_FILE).write_text(json.dumps(output, indent=2))
         if evaluation.models and not evaluation.any_metrics():
+            empty = [m for m in evaluation.missing if m["model"] in evaluation.models]
             raise TooFewResultsError(
                 f"{owner}: no site returned metrics for any of {list(evaluation.models)}; "
                 + "; ".join(f"{m['model']}@{m['site']}: {m['status']} ({m['error']})"
-                            for m in evaluation.missing),
-                [TaskResult(m["site"], m["task"], m["status"], error=m["error"])
-                 for m in evaluation.missing],
+                            for m in empty),
+                [TaskResult(m["site"], m["task"], m["status"], error=m["error"]) for m in empty],
             )  # fmt: skip
         return output
 

@@ -191,6 +191,18 @@ def test_no_metrics_at_all_fails_the_node() -> None:
     assert [(r.site, r.status) for r in caught.value.results] == [(s, "failed") for s in SITES]
 
 
+def test_the_failure_lists_the_empty_cells_not_the_refusals() -> None:
+    def site(name: str, task: Task) -> FLModel:
+        if task.name == "submit_model":
+            return refusal("no") if name == "s1" else FLModel(params={"w": np.zeros(1)})
+        raise ValueError("cannot validate")
+
+    with pytest.raises(TooFewResultsError) as caught:
+        run(CrossSiteEval(), dict.fromkeys(SITES, site), {"g": global_model(0)})
+    assert len(caught.value.results) == 9  # 3 models x 3 sites
+    assert {(r.task, r.status) for r in caught.value.results} == {("validate", "failed")}
+
+
 def test_every_site_refusing_gives_an_empty_matrix() -> None:
     out = run(CrossSiteEval(models="local"), dict.fromkeys(SITES, lambda s, t: refusal("no")))
     assert out["matrix"] == {} and [m["status"] for m in out["missing"]] == ["refused"] * 3
