@@ -25,7 +25,7 @@ A run writes a results folder::
                               that are plain data (e.g. a cross-site evaluation matrix)
         metrics.csv           one row per node and round: the metrics each controller reported
         <node>.model.pt|npz   the final model of every node whose output is an FLModel
-        <site>.log            per-site logs (processes mode)
+        <site>.log            per-site logs (sites.log for more than 64 in-process sites)
 """
 
 from __future__ import annotations
@@ -235,6 +235,7 @@ async def _run_threads(
         runtimes = [SiteRuntime(cell) for cell in cells]
         for runtime in runtimes:
             stack.push_async_callback(runtime.close)
+        stack.enter_context(_site_logs(root, names))
         workspace = _site_workspace(root)
         for runtime, name in zip(runtimes, names, strict=True):
             executors = copy.deepcopy(job.executors_for(name))  # a site's own instances
@@ -301,6 +302,40 @@ async def _run_processes(
             for leftover in sock_dir.iterdir():
                 leftover.unlink(missing_ok=True)
             sock_dir.rmdir()
+
+
+#: Above this many in-process sites, their logs share one file instead of one file each.
+MAX_SITE_LOG_FILES = 64
+
+
+@contextlib.contextmanager
+def _site_logs(root: Path, names: list[str]) -> Iterator[None]:
+    """Send each in-process site's log (its scripts' output included) to ``<root>/<site>.log``
+    (or all to ``sites.log`` past :data:`MAX_SITE_LOG_FILES` sites) instead of the console."""
+    formatter = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    shared = len(names) > MAX_SITE_LOG_FILES
+    handlers: list[logging.Handler] = []
+    if shared:
+        handlers.append(logging.FileHandler(root / "sites.log"))
+    loggers = []
+    for index, name in enumerate(names):
+        if not shared:
+            handlers.append(logging.FileHandler(root / f"{name}.log"))
+        handler = handlers[0] if shared else handlers[index]
+        handler.setFormatter(formatter)
+        site_logger = logging.getLogger(f"fedcell.site.{name}")
+        site_logger.addHandler(handler)
+        site_logger.setLevel(logging.INFO)
+        site_logger.propagate = False
+        loggers.append((site_logger, handler))
+    try:
+        yield
+    finally:
+        for site_logger, handler in loggers:
+            site_logger.removeHandler(handler)
+            site_logger.propagate = True
+        for handler in handlers:
+            handler.close()
 
 
 def _site_workspace(root: Path) -> Path:

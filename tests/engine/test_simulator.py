@@ -100,6 +100,8 @@ def test_hello_pytorch_example_trains_with_client_api_scripts(
     history = result.job.output("train").meta["history"]
     assert [len(record["ok"]) for record in history] == [2, 2]
     assert 0.0 <= history[-1]["metrics"]["accuracy"] <= 1.0
+    # Each site's log holds its script's output.
+    assert "round 1: accuracy" in (tmp_path / "site-2.log").read_text()
     assert not (folder / "results").exists()  # results go to the workspace, not the example
     sys.modules.pop("model", None)  # the example's module must not leak into other tests
 
