@@ -44,8 +44,8 @@ Sample alignment
     seeded initial weights as a centralized run would.
 
 What travels
-    Row positions (server → sites), cut-layer activations (data site → label site) and their
-    gradients (back). Never labels, never raw features; the final evaluation runs on the
+    Row positions (int32, server → sites), cut-layer activations (data site → label site) and
+    their gradients (back). Never labels, never raw features; the final evaluation runs on the
     ``"validate"`` split with the top at the label site, and only its counts (correct, samples,
     loss sum) leave it. Cut activations and gradients do carry information about features and
     labels (known split-learning leakage); protecting them (noise, secure aggregation) is out of
@@ -107,6 +107,10 @@ EVALUATE_TASK = "split_evaluate"
 SPLITS: tuple[str, ...] = ("train", "validate")
 
 SplitRole = Literal["data", "label"]
+
+#: Row positions travel as int32 (half the bytes of int64); setup refuses larger splits.
+_ROW_DTYPE = np.int32
+_MAX_ROWS = int(np.iinfo(_ROW_DTYPE).max)
 
 T = TypeVar("T")
 
@@ -380,6 +384,8 @@ class SplitLearning(Controller):
             n_data, n_label = data.counts.get(split), label.counts.get(split)
             if not isinstance(n_data, int) or isinstance(n_data, bool) or n_data < 1:
                 raise ConfigError(f"{owner}: {self.data_site} has no {split!r} samples")
+            if n_data > _MAX_ROWS:
+                raise ConfigError(f"{owner}: {n_data} {split!r} samples; at most {_MAX_ROWS}")
             if n_data != n_label or data.digests.get(split) != label.digests.get(split):
                 raise ConfigError(
                     f"{owner}: {self.data_site} and {self.label_site} hold different {split!r} "
@@ -394,7 +400,7 @@ class SplitLearning(Controller):
         self, ctx: ControllerContext, epoch: int, n_train: int, gradient: Any
     ) -> tuple[_Traffic, Any]:
         traffic = _Traffic()
-        order = batch_order(self.seed, epoch, n_train)
+        order = batch_order(self.seed, epoch, n_train).astype(_ROW_DTYPE)
         started = time.perf_counter()
         for batch, start in enumerate(range(0, n_train, self.batch_size)):
             rows = order[start : start + self.batch_size]
@@ -418,7 +424,7 @@ class SplitLearning(Controller):
         correct = count = 0
         loss_sum = 0.0
         for start in range(0, n_validate, self.eval_batch_size):
-            rows = np.arange(start, min(start + self.eval_batch_size, n_validate))
+            rows = np.arange(start, min(start + self.eval_batch_size, n_validate), dtype=_ROW_DTYPE)
             step = f"evaluation rows {start}..{rows[-1]}"
             forward = ForwardRequest("validate", rows)
             cut = await self._ask(ctx, self.data_site, EVALUATE_TASK, forward, CutActivations, step)

@@ -60,6 +60,7 @@ def test_split_learning_with_sites_as_threads(example: dict[str, Any], tmp_path:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # two site processes importing torch: ~15 s, more on a loaded machine
 def test_split_learning_with_sites_as_processes(example: dict[str, Any], tmp_path: Path) -> None:
     # Prepare
     central_accuracy, _ = example["train_centralized"](EPOCHS)
