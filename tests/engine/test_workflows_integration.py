@@ -73,6 +73,27 @@ def test_cyclic_relays_a_streamed_model_hop_by_hop_through_site_processes(
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the server notices the lost site after the 10 s peer timeout
+def test_cyclic_skips_a_site_process_that_dies(tmp_path: Path) -> None:
+    # Prepare: site-2's process exits while training in lap 0; it is gone for lap 1 too.
+    job = Job("cyclic-lost-site")
+    job.add(Cyclic(rounds=2, model="workflow_sites:initial_params"), name="cyclic")
+    job.add_executor(DigitSite(), sites=["site-1", "site-3"])
+    job.add_executor(DigitSite(exit_in_round=0), sites=["site-2"])
+
+    # Execute
+    result = job.simulate(sites=SITES, mode="processes", workspace=tmp_path)
+
+    # Assert: site-3 got site-1's model both laps
+    assert result.ok, result.job.reason
+    out = result.job.output("cyclic")
+    assert [(hop["site"], hop["status"]) for hop in out.meta["history"]] == [
+        ("site-1", "ok"), ("site-2", "crashed"), ("site-3", "ok"),
+    ] * 2  # fmt: skip
+    assert out.params["w"].tolist() == [1313.0]
+
+
+@pytest.mark.integration
 def test_cross_site_eval_with_client_api_scripts_in_site_processes(tmp_path: Path) -> None:
     # Prepare: a cyclic lap produces the global model; the sites' Client-API scripts answer
     # train, validate and submit_model; site-3's script refuses to share its local model.

@@ -8,6 +8,7 @@ every hop: it holds the number of trainings so far, which each site checks and i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +36,14 @@ class DigitSite(Executor):
     ----------
     fail_in_round:
         A round whose train task raises (``None``: never).
+    exit_in_round:
+        A round whose train task kills the site process (a lost site).
     refuse_local_model:
         Answer ``submit_model`` with a refusal.
     """
 
     fail_in_round: int | None = None
+    exit_in_round: int | None = None
     refuse_local_model: bool = False
     _digit: int = field(default=0, init=False, repr=False, compare=False)
 
@@ -59,6 +63,8 @@ class DigitSite(Executor):
         params = model.params
         if task.name == "validate":
             return FLModel(metrics={"score": float(params["w"][0]) + self._digit})
+        if model.current_round == self.exit_in_round:
+            os._exit(3)
         if model.current_round == self.fail_in_round:
             raise TaskFailedError(f"site-{self._digit}: no data this round")
         blob = params["blob"]
