@@ -88,7 +88,7 @@ def _aligned(loader: SplitLoader, split: str, what: str) -> tuple[torch.Tensor, 
         raise user_code_failed(f"{what}({split!r})", exc) from exc
     id_array = np.asarray(ids)
     tensor = torch.as_tensor(values)
-    if id_array.ndim != 1 or len(id_array) != len(tensor):
+    if id_array.ndim != 1 or tensor.ndim == 0 or len(id_array) != len(tensor):
         raise ConfigError(
             f"{what}({split!r}) returned {id_array.shape} ids for {tuple(tensor.shape)} values; "
             "give one id per row"
@@ -227,9 +227,11 @@ class _SplitSite(Executor):
         counts = {split: len(values) for split, values in self._data.items()}
         return SiteSamples(self.ROLE, counts, digests)
 
-    def _rows(self, split: object, rows: object) -> torch.Tensor:
+    def _rows(self, split: object, rows: object, train: bool) -> torch.Tensor:
         if not isinstance(split, str) or split not in self._data:
             raise ProtocolError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if train and split != SPLITS[0]:
+            raise ProtocolError(f"training uses the {SPLITS[0]!r} split only, not {split!r}")
         return _checked_rows(rows, len(self._data[split]), split).to(self.device)
 
     async def stop(self) -> None:
@@ -291,7 +293,7 @@ class SplitDataExecutor(_SplitSite):
             return None
         if train and self._pending is not None:
             raise ProtocolError("a new training batch before the previous batch's gradient")
-        rows = self._rows(request.split, request.rows)
+        rows = self._rows(request.split, request.rows, train)
         inputs = self._data[request.split][rows]
         try:
             self._module.train(train)
@@ -365,7 +367,7 @@ class SplitLabelExecutor(_SplitSite):
                 f"the label site expects a LabelRequest, not {type(request).__name__}"
             )
         assert self._module is not None and self._optim is not None
-        rows = self._rows(request.split, request.rows)
+        rows = self._rows(request.split, request.rows, train)
         activations = _checked_tensor(request.activations, "the cut activations")
         if activations.ndim < 1 or len(activations) != len(rows):
             raise ProtocolError(f"{tuple(activations.shape)} cut activations for {len(rows)} rows")

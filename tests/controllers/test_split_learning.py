@@ -336,6 +336,7 @@ def scalar_identity() -> torch.nn.Module:
         (ForwardRequest("train", np.array([0.5])), "1-D integer array"),
         (ForwardRequest("train", [1, 2]), "1-D integer array"),  # type: ignore[arg-type]
         (ForwardRequest("test", ROWS), "unknown split 'test'"),
+        (ForwardRequest("validate", ROWS), "the 'train' split only"),
         (ForwardRequest("train", ROWS, torch.zeros(8, 16)), "no training batch is pending"),
         (LabelRequest("train", ROWS, torch.zeros(8, 16)), "expects a ForwardRequest"),
         ({"rows": ROWS}, "expects a ForwardRequest, not dict"),
@@ -382,6 +383,7 @@ def test_the_gradient_updates_the_bottom_half(example: dict[str, Any]) -> None:
         (LabelRequest("train", ROWS, torch.zeros(8, 16, dtype=torch.int64)), "floating-point"),
         (LabelRequest("train", np.array([5000]), torch.zeros(1, 16)), "in 0..3071"),
         (ForwardRequest("train", ROWS), "expects a LabelRequest"),
+        (LabelRequest("validate", ROWS, torch.zeros(8, 16)), "the 'train' split only"),
     ],
 )
 def test_label_site_refuses_bad_requests(
