@@ -31,7 +31,8 @@ tree. Each class says whether retrying the same operation can succeed (``retryab
     │   ├── TaskFailedError         user code raised (Failed)
     │   ├── SiteCrashedError        the site was lost (Crashed)
     │   ├── TooFewResultsError      fewer sites answered ok than a task's min_responses
-    │   └── JobAbortedError         aborted by an admin or by the scheduler
+    │   ├── JobAbortedError         aborted by an admin or by the scheduler
+    │   └── CheckpointError         a checkpoint is torn, corrupt, foreign, or cannot be written
     └── SecurityError
         ├── AuthenticationError     no valid credentials
         └── PolicyError             the site's policy refuses the action
@@ -45,6 +46,7 @@ from typing import Any, ClassVar
 __all__ = [
     "AuthenticationError",
     "CellError",
+    "CheckpointError",
     "ConfigError",
     "ConnectError",
     "EncodeError",
@@ -204,6 +206,11 @@ class TooFewResultsError(JobError):
 
 class JobAbortedError(JobError):
     """The job was aborted by an admin or by the scheduler."""
+
+
+class CheckpointError(JobError):
+    """A job checkpoint cannot be read back (torn, corrupt, or written for another job) or
+    cannot be written (a value the codec does not carry, a disk error)."""
 
 
 class SecurityError(FedcellError):
