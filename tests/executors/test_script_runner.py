@@ -88,6 +88,7 @@ def test_hello_pytorch_script_trains_three_rounds(
     assert "site-1: job job-7 started with 2 epoch(s)" in log_text
     assert "site-1: round 2 task train" in log_text
     assert "train_loss" in log_text
+    assert "last_batch_loss" in log_text and "(SCALAR)" in log_text
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -405,3 +406,33 @@ def test_stop_gives_up_waiting_for_a_thread_script_that_ignores_the_end(
 
     assert "did not end within 0.1 s" in caplog.text
     # The script's thread leaves by itself a moment later (the leak check waits for it).
+
+
+def test_summary_writer_records_reach_the_site_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fedcell.test")
+    script = tmp_path / "tracked.py"
+    script.write_text(
+        "import fedcell.client as flare\n"
+        "from fedcell.client.tracking import SummaryWriter\n"
+        "flare.init()\n"
+        "writer = SummaryWriter()\n"
+        "while flare.is_running():\n"
+        "    model = flare.receive()\n"
+        "    writer.add_scalars('loss', {'train': 0.5, 'val': 0.75}, global_step=2)\n"
+        "    writer.flush()\n"
+        "    flare.send(flare.FLModel(metrics={}))\n"
+    )
+
+    async def main() -> TaskResult:
+        runner = ScriptRunner(script=script)
+        await runner.start(site())
+        try:
+            return await dispatch(runner, "train", FLModel())
+        finally:
+            await runner.stop()
+
+    assert asyncio.run(main()).ok
+    records = [r.fedcell_log for r in caplog.records if hasattr(r, "fedcell_log")]
+    assert [(r.key, r.value, r.data_type, r.extras) for r in records] == [
+        ("loss", {"train": 0.5, "val": 0.75}, "SCALARS", {"global_step": 2})
+    ]

@@ -1,7 +1,7 @@
 """An NVIDIA FLARE hello-pytorch style Client-API script.
 
-Written the way FLARE's Client API examples are; the import of ``fedcell.client`` is its only
-fedcell-specific line. Synthetic data, a tiny model.
+Written the way FLARE's Client API examples are; the imports of ``fedcell.client`` (and of its
+``tracking.SummaryWriter``) are its only fedcell-specific lines. Synthetic data, a tiny model.
 """
 
 import argparse
@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedcell.client as flare
+from fedcell.client.tracking import SummaryWriter
 
 
 def evaluate(model, loader):
@@ -38,6 +39,7 @@ def main():
 
     model = SimpleNetwork()
     loss_fn = nn.CrossEntropyLoss()
+    summary_writer = SummaryWriter()
 
     flare.init()
     site_name = flare.system_info()["site_name"]
@@ -62,6 +64,7 @@ def main():
                 optimizer.step()
                 steps += 1
         flare.log("train_loss", loss.item(), flare.AnalyticsDataType.SCALAR, global_step=steps)
+        summary_writer.add_scalar("last_batch_loss", loss.item(), global_step=input_model.current_round)
 
         flare.send(
             flare.FLModel(
