@@ -378,6 +378,11 @@ class Cell:
     file_sink:
         Where files sent to this cell (:meth:`send_file`) land; ``None`` refuses every file.
 
+    Every messaging method (``send``, ``request``, ``broadcast``, ...) raises
+    :class:`~fedcell.errors.CellError` when the cell is not running (before ``start()``, after
+    ``stop()``). Register handlers before ``start()``: peers may call as soon as they see the cell
+    join.
+
     Raises
     ------
     ConfigError
@@ -425,11 +430,14 @@ class Cell:
 
         Raises
         ------
+        ConfigError
+            If a URL is malformed or names a scheme no transport serves.
         ConnectError
             If the listen URL cannot be bound, or the parent does not answer within
             ``connect_timeout``.
         CellError
-            If the parent refuses this cell (name taken, not authentic).
+            If the parent refuses this cell (name taken, not authentic), or the cell was started
+            before.
         """
         if self._state != "new":
             raise CellError(f"cell {self._name!r} was already started")
