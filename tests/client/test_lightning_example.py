@@ -1,4 +1,4 @@
-"""examples/lightning runs as a user runs it (fewer rounds), on threads and as site processes."""
+"""examples/lightning runs as a user runs it (fewer rounds)."""
 
 from __future__ import annotations
 
@@ -25,19 +25,14 @@ def example_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     sys.modules.pop("model", None)
 
 
-@pytest.mark.parametrize(
-    "mode",
-    # Site processes each import Lightning (10-40 s on a loaded 2-core machine).
-    ["threads", pytest.param("processes", marks=[pytest.mark.integration, pytest.mark.slow])],
-)
 def test_lightning_example_trains_and_validates_the_global_model(
-    tmp_path: Path, example_imports: None, mode: str
+    tmp_path: Path, example_imports: None
 ) -> None:
     # Prepare
     job = runpy.run_path(str(EXAMPLE / "job.py"), run_name="example")["make_job"](rounds=2)
 
     # Execute
-    result = job.simulate(n_clients=2, mode=mode, workspace=tmp_path)
+    result = job.simulate(n_clients=2, workspace=tmp_path)
 
     # Assert
     assert result.ok, result.job.reason
