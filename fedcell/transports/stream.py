@@ -44,7 +44,9 @@ Liveness by progress
     endpoint ticks every ``stall_timeout / 4`` and fails a stream that made none for
     ``stall_timeout`` with :class:`~fedcell.errors.StreamStalledError` (so within 1.25 ×
     ``stall_timeout``); the other side gets a ``CANCEL`` saying why. A slow transfer that keeps
-    moving never times out, however long it takes.
+    moving never times out, however long it takes. (A send that the transport blocks is not
+    interrupted: a peer that is gone is the cell's to detect, by heartbeats, which closes the
+    link and so fails the send.)
 Cancellation
     :meth:`StreamEndpoint.cancel` (either side) or cancelling the task running ``send_message``
     sends ``CANCEL``; the other side fails the stream with
@@ -54,13 +56,22 @@ Compression
     ``codec="auto"`` compresses a sample of the payload with each candidate and picks one only
     where it pays at the link throughput measured from this peer's acks (starting from
     ``link_throughput_hint``): see :mod:`~fedcell.transports.compression`. The codec is recorded
-    per chunk: a chunk that does not shrink travels raw. A broadcast encodes (compresses and
-    hashes) each chunk once and sends it to every peer, each with its own window; it moves at the
-    pace of the slowest live receiver, within one window.
+    per chunk: a chunk that does not shrink travels raw.
+Broadcast
+    One payload to many peers: each chunk is encoded (compressed and hashed) once, the first time
+    any peer needs it, and kept until every live peer has sent it; each peer has its own stream,
+    window and task, so a slow or stuck peer delays only itself.
+Memory
+    Receiver: each admitted message costs its size (its arrays, allocated at ``GRANT``), plus one
+    chunk of scratch when chunks arrive compressed; a file costs the chunks in flight (at most a
+    window). A queued stream costs its header. Sender: the payload stays the caller's; compressed
+    chunks live until every peer has sent them; a file is read one fresh chunk at a time, so at
+    most a window per peer is in memory.
 Errors from the network
-    A malformed or oversized header, an unknown codec, a decompression failure or a frame for an
-    unknown stream is logged and counted (``rejected_frames``), the stream it names (if any) is
-    failed and cancelled, and :meth:`handle` returns normally: the connection keeps serving.
+    A malformed or oversized header, an unknown codec or a decompression failure is logged and
+    counted (``rejected_frames``), the stream it names (if any) is failed and its sender told
+    why, and :meth:`handle` returns normally: the connection keeps serving. Frames of a stream
+    that is no longer open (late chunks after a cancel) are dropped quietly.
 
 Defaults (measured, see ``docs/benchmarks.md``)
 -----------------------------------------------

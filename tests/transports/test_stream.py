@@ -338,3 +338,34 @@ def test_config_is_validated() -> None:
         StreamConfig(codec="nope")
     with pytest.raises(ConfigError):
         StreamConfig(stall_timeout=0)
+
+
+def test_a_stream_queued_for_admission_longer_than_the_stall_timeout_survives() -> None:
+    async def main() -> None:
+        # Prepare: the budget admits one 400 KB model at a time; the first transfer takes several
+        # stall timeouts, so the second waits that long for its GRANT, kept alive by QUEUED.
+        config = StreamConfig(chunk_size=16 * KiB, window=32 * KiB, codec="none",
+                              stall_timeout=0.3, max_inbound_bytes=500_000)  # fmt: skip
+        net = StreamNet()
+        server = net.add("server", config)
+        first, second = net.add("site-1", config), net.add("site-2", config)
+        net.delay = 0.01
+        model = np.ones(100_000, dtype=np.float32)
+        try:
+            # Execute
+            started = asyncio.get_running_loop().time()
+            await asyncio.gather(
+                first.send_message("server", Message.create("site-1", "server", "r", model)),
+                second.send_message("server", Message.create("site-2", "server", "r", model)),
+            )
+            elapsed = asyncio.get_running_loop().time() - started
+            received = [await net.next_delivery("server") for _ in range(2)]
+        finally:
+            await net.close()
+        # Assert
+        assert elapsed > 3 * config.stall_timeout
+        assert sorted(m.sender for m in received) == ["site-1", "site-2"]
+        assert server.statistics().peak_inbound_bytes_admitted == model.nbytes
+        assert net.failures == []
+
+    asyncio.run(main())
