@@ -1,7 +1,7 @@
 """``CellDispatcher``: the :class:`~fedcell.engine.dispatcher.Dispatcher` over cells.
 
-The server side of a job. Each dispatched task is one cell request per target on channel
-:data:`TASK_CHANNEL`, answered by that site's :class:`~fedcell.engine.site_runtime.SiteRuntime`
+The server side of a job. Each dispatched task is one cell broadcast (a request per target, the payload encoded
+once) on channel :data:`TASK_CHANNEL`, answered by that site's :class:`~fedcell.engine.site_runtime.SiteRuntime`
 with a :class:`~fedcell.engine.dispatcher.TaskResult`. Requests run concurrently and each reply is
 handed to the :class:`~fedcell.engine.dispatcher.TaskHandle` the moment it arrives, so a
 controller folds results in as they come (in-time aggregation); a reply too large for one message
@@ -23,7 +23,6 @@ working on the task; their late replies are dropped by the handle.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Sequence
 
@@ -89,44 +88,38 @@ class _CellTaskHandle(TaskHandle):
         super().__init__(task, targets)
         self._cell = cell
         self._job_id = job_id
-        self._requests: dict[str, asyncio.Task[None]] = {}
+        self._gathering: asyncio.Task[None] | None = None
 
     def launch(self) -> None:
+        self._gathering = asyncio.ensure_future(self._gather())
+
+    async def _gather(self) -> None:
+        # One broadcast: the task (a large model too) is encoded, hashed and compressed once
+        # whatever the number of sites; replies are handed over as each arrives and forgotten.
         payload = {"job": self._job_id, "task": self.task}
-        timeout = self.task.timeout or NO_DEADLINE
-        for site in self.targets:
-            request = asyncio.ensure_future(self._ask(site, payload, timeout))
-            self._requests[site] = request
-            request.add_done_callback(functools.partial(self._forget, site))
+        replies = self._cell.broadcast_replies(
+            self.targets, TASK_CHANNEL, payload, timeout=self.task.timeout or NO_DEADLINE
+        )
+        async for site, reply in replies:
+            self.deliver(self._result(site, reply))
 
-    def _forget(self, site: str, _request: asyncio.Task[None]) -> None:
-        self._requests.pop(site, None)
-
-    async def _ask(self, site: str, payload: dict[str, object], timeout: float) -> None:
+    def _result(self, site: str, reply: object) -> TaskResult:
         name = self.task.name
-        try:
-            reply = await self._cell.request(site, TASK_CHANNEL, payload, timeout=timeout)
-        except UnreachableError as exc:
-            self.deliver(TaskResult(site, name, "crashed", error=f"site lost: {exc}"))
-            return
-        except RequestTimeoutError as exc:
-            self.deliver(TaskResult(site, name, "timeout", error=str(exc)))
-            return
-        except FedcellError as exc:
-            self.deliver(TaskResult(site, name, "failed", error=f"{type(exc).__name__}: {exc}"))
-            return
+        if isinstance(reply, UnreachableError):
+            return TaskResult(site, name, "crashed", error=f"site lost: {reply}")
+        if isinstance(reply, RequestTimeoutError):
+            return TaskResult(site, name, "timeout", error=str(reply))
+        if isinstance(reply, BaseException):
+            return TaskResult(site, name, "failed", error=f"{type(reply).__name__}: {reply}")
         if not isinstance(reply, TaskResult) or reply.site != site:
-            self.deliver(
-                TaskResult(site, name, "failed", error=f"malformed task reply from {site}")
-            )
-            return
-        self.deliver(reply)
+            return TaskResult(site, name, "failed", error=f"malformed task reply from {site}")
+        return reply
 
     async def abandon(self, sites: tuple[str, ...]) -> None:
+        # Called once, for every target still pending: stop waiting for all of them.
+        if self._gathering is not None:
+            self._gathering.cancel()
         for site in sites:
-            request = self._requests.pop(site, None)
-            if request is not None:
-                request.cancel()
             try:
                 await self._cell.send(
                     site, ABANDON_CHANNEL, {"job": self._job_id, "task": self.task.name}
