@@ -20,7 +20,8 @@ FLARE Lightning script runs with only its import line changed):
   built, before the sanity check and the fit loop) the held task's params are loaded into the
   LightningModule in place, so the optimizers keep pointing at the same tensors. If no task is
   held, fit waits for one (``flare.receive()``), so a script that only calls ``fit`` in a loop
-  works too; once the job is over, fit returns without training.
+  works too; once the job is over, fit returns without training. A fit for a task of another
+  kind is not answered (a warning says so).
 - after fit (``on_fit_end``), a *train* task is answered with the module's ``state_dict()``,
   the trainer's logged values (``trainer.callback_metrics``) as metrics and
   ``meta["NUM_STEPS_CURRENT_ROUND"]``: the optimizer steps this fit took (what FedAvg weighs
@@ -223,20 +224,29 @@ class FLCallback(Callback):
                 ) from exc
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._budget.apply_after(trainer, trainer.current_epoch, trainer.global_step)
         if trainer.current_epoch or trainer.global_step:
             trainer.num_sanity_val_steps = 0
         model = self._held_model() or self._api.receive()
         if model is None:
             _logger.info("no task left for trainer.fit(): the job is over, nothing to train")
-            trainer.should_stop = True
+            # A limit already reached ends the loop before its first epoch (min_epochs or
+            # min_steps would overrule trainer.should_stop).
+            trainer.fit_loop.max_epochs = trainer.current_epoch
             return
+        self._budget.apply_after(trainer, trainer.current_epoch, trainer.global_step)
         self._load(pl_module, model)
         self._fit_start_step = trainer.global_step
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         model = self._held_model()
-        if model is None or not self._api.is_train():
+        if model is None:
+            return
+        if not self._api.is_train():
+            _logger.warning(
+                "trainer.fit() ran for task %r, which fit does not answer (only the train task "
+                "is); answer it with trainer.validate() or flare.send()",
+                self._api.get_task_name(),
+            )
             return
         metrics = _scalar_metrics(trainer.callback_metrics)
         if self._global_metrics is not None and self._global_metrics[0] is model:

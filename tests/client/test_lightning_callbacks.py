@@ -146,7 +146,8 @@ class MetaClassifier(TinyClassifier):
 
 
 def test_fit_alone_takes_each_task_keeps_a_step_budget_and_stops_when_the_job_ends() -> None:
-    # Prepare: a budget in steps (max_steps=2 per round), no flare.receive() in the script.
+    # Prepare: a budget in steps (max_steps=min_steps=2 per round: min_steps would keep a
+    # stopped fit going), no flare.receive() in the script.
     site = ScriptedSite(
         ScriptTask("t1", "train", FLModel(params=global_params(1))),
         ScriptTask("t2", "train", FLModel(params=global_params(2))),
@@ -157,7 +158,7 @@ def test_fit_alone_takes_each_task_keeps_a_step_budget_and_stops_when_the_job_en
     steps: list[int] = []
 
     def script() -> None:
-        trainer = make_trainer(max_epochs=-1, max_steps=2)
+        trainer = make_trainer(max_epochs=-1, max_steps=2, min_steps=2)
         flare.patch(trainer)
         for _ in range(3):
             trainer.fit(model, train_loader, validation_loader)
@@ -224,3 +225,20 @@ def test_patch_outside_a_fedcell_site_says_how_to_run_the_script() -> None:
             flare.patch(make_trainer())
 
     run_as_script(None, script)
+
+
+def test_fit_for_a_task_it_does_not_answer_warns_and_sends_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    site = ScriptedSite(ScriptTask("t1", "submit_model", FLModel()))
+    loaders = site_loaders("site-1")
+
+    def script() -> None:
+        trainer = make_trainer(max_epochs=1)
+        flare.patch(trainer)
+        trainer.fit(TinyClassifier(), *loaders)
+
+    run_as_script(site, script)
+
+    assert site.results == []
+    assert "ran for task 'submit_model', which fit does not answer" in caplog.text
