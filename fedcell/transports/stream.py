@@ -579,11 +579,11 @@ class StreamEndpoint:
             else:
                 self._stats.streams_sent += 1
                 self._stats.bytes_sent += out.size
-                self._learn_link(out)
+                self._learn_link(out, encoder.seconds)
         return results, encoder.digest()
 
-    def _learn_link(self, out: OutboundStream) -> None:
-        measured = out.throughput()
+    def _learn_link(self, out: OutboundStream, encode_seconds: float) -> None:
+        measured = out.throughput(encode_seconds)
         if measured is not None:
             known = self._link.get(out.peer)
             self._link[out.peer] = measured if known is None else (known + measured) / 2

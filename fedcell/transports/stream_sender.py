@@ -188,12 +188,15 @@ class ChunkEncoder:
         self._next_seq = 0
         self.chunks = (source.size + chunk_size - 1) // chunk_size
         self.compressed_chunks = 0
+        #: Seconds spent reading, compressing and hashing chunks.
+        self.seconds = 0.0
 
     def encode(self, seq: int) -> EncodedChunk:
         """Chunk ``seq`` (must be called for 0, 1, 2, ... in order)."""
         if seq != self._next_seq:
             raise RuntimeError(f"chunks must be encoded in order: got {seq}, want {self._next_seq}")
         self._next_seq += 1
+        started = time.perf_counter()
         offset = seq * self.chunk_size
         raw = min(self.chunk_size, self.source.size - offset)
         pieces = self.source.read(offset, raw)
@@ -207,7 +210,9 @@ class ChunkEncoder:
                 frames, codec_name = [packed], self.codec_name
                 self.compressed_chunks += 1
         wire = sum(memoryview(f).nbytes for f in frames)
-        return EncodedChunk(seq, offset, raw, codec_name, frames, chunk_hash(frames), wire)
+        chunk = EncodedChunk(seq, offset, raw, codec_name, frames, chunk_hash(frames), wire)
+        self.seconds += time.perf_counter() - started
+        return chunk
 
     def digest(self) -> bytes:
         """xxh3_128 of every raw byte encoded so far."""
@@ -347,11 +352,16 @@ class OutboundStream:
         self.peak_in_flight = max(self.peak_in_flight, self.sent - self.acked)
         await self.send([header, *chunk.frames])
 
-    def throughput(self) -> float | None:
-        """Wire bytes per second acked over this stream, or ``None`` if too little to judge."""
+    def throughput(self, encode_seconds: float) -> float | None:
+        """Wire bytes per second the link carried, or ``None`` if too little to judge.
+
+        ``encode_seconds`` (compressing and hashing) is taken off the elapsed time: a sender busy
+        compressing acks slowly however fast the link, and must not conclude the link is slow
+        (which would make it compress forever).
+        """
         if self._first_send is None or self._last_ack is None or len(self._marks) > 0:
             return None
-        elapsed = self._last_ack - self._first_send
-        if elapsed <= 0.001 or self._wire_acked < 1024 * 1024:
+        elapsed = self._last_ack - self._first_send - encode_seconds
+        if self._wire_acked < 1024 * 1024:
             return None
-        return self._wire_acked / elapsed
+        return self._wire_acked / max(elapsed, 1e-3)
