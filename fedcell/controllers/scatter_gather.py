@@ -25,6 +25,14 @@ broadcasts ``Task(validate_task, FLModel(final global))`` after training and ave
 returned metrics with the same weights. The output is the final global model as an FLModel
 (FULL) whose ``metrics`` are the validation metrics when validated, else the last round's.
 
+Resume after a server crash (:mod:`fedcell.engine.checkpoint`): after each completed round the
+controller saves ``{"next_round", "params", "history", "server_state", "metrics", "stopped",
+"resumed_at"}`` with ``ctx.checkpoint`` (``server_state`` is the server optimizer's moments,
+e.g. FedAdam's ``m`` and ``v``). Started with ``ctx.restored`` it goes on with ``next_round``
+from that global model and state, so a seeded job ends with the same model as an uninterrupted
+run; the output's ``meta["resumed_at"]`` lists the rounds at which runs resumed. The initial
+model is not built again on resume.
+
 All configuration is plain data (numbers, strings, lists, dicts), so a job exports it.
 """
 
@@ -42,7 +50,7 @@ from typing import Any
 
 from fedcell.controllers.aggregation import WeightedMean, as_params, cast_like
 from fedcell.engine.dispatcher import Controller, ControllerContext, Task, TaskResult
-from fedcell.errors import ConfigError, TooFewResultsError
+from fedcell.errors import CheckpointError, ConfigError, TooFewResultsError
 from fedcell.fl_model import FLModel, ParamsType
 
 __all__ = ["STOP_OPERATORS", "FedAvg", "ScatterGather"]
@@ -138,8 +146,10 @@ class ScatterGather(Controller):
             if len(set(self.sites)) != len(self.sites):
                 raise ConfigError(f"{owner}: sites names a site twice: {self.sites!r}")
         if self.min_clients is not None:
-            if not isinstance(self.min_clients, int) or isinstance(self.min_clients, bool) or (
-                self.min_clients < 1
+            if (
+                not isinstance(self.min_clients, int)
+                or isinstance(self.min_clients, bool)
+                or (self.min_clients < 1)
             ):
                 raise ConfigError(
                     f"{owner}: min_clients must be an integer >= 1, not {self.min_clients!r}"
@@ -220,6 +230,8 @@ class ScatterGather(Controller):
             ``min_clients`` exceeds the target sites.
         TooFewResultsError
             If a round (or the final validation) cannot get ``min_clients`` ok results.
+        CheckpointError
+            If the state to resume from is not a scatter-gather state, or saving one failed.
         """
         self.validate()
         owner = type(self).__name__
@@ -229,15 +241,19 @@ class ScatterGather(Controller):
             raise ConfigError(
                 f"{owner}: min_clients={needed} exceeds the {len(targets)} sites {targets}"
             )
-        # Building a model (a factory, a checkpoint) can take seconds: keep the loop, and with
-        # it the cells' heartbeats, running meanwhile.
-        global_params = await asyncio.to_thread(self._initial_params, ctx)
-        history: list[dict[str, Any]] = []
-        state: dict[str, Any] = {}
-        metrics: dict[str, float] = {}
-        stopped_early = False
-        current_round = 0
-        for current_round in range(self.rounds):
+        if ctx.restored is not None:
+            progress = _restored_progress(ctx)
+            progress.resumed_at.append(progress.next_round)
+            ctx.logger.info("%s resumes at round %d", ctx.node, progress.next_round + 1)
+        else:
+            # Building a model (a factory, a checkpoint) can take seconds: keep the loop, and
+            # with it the cells' heartbeats, running meanwhile.
+            progress = _Progress(await asyncio.to_thread(self._initial_params, ctx))
+        global_params, history, state = progress.params, progress.history, progress.server_state
+        metrics, stopped_early = progress.metrics, progress.stopped
+        current_round = max(progress.next_round - 1, 0)
+        first_round = self.rounds if stopped_early else progress.next_round
+        for current_round in range(first_round, self.rounds):
             started = time.perf_counter()
             task = Task(
                 self.train_task,
@@ -261,10 +277,23 @@ class ScatterGather(Controller):
                 "%s round %d/%d: %d ok, metrics %s",
                 ctx.node, current_round + 1, self.rounds, mean.count, metrics,
             )  # fmt: skip
-            if self._should_stop(metrics, ctx):
-                stopped_early = current_round + 1 < self.rounds
+            stopped_early = self._should_stop(metrics, ctx) and current_round + 1 < self.rounds
+            await ctx.checkpoint(
+                {
+                    "next_round": current_round + 1,
+                    "params": global_params,
+                    "history": history,
+                    "server_state": state,
+                    "metrics": metrics,
+                    "stopped": stopped_early,
+                    "resumed_at": progress.resumed_at,
+                }
+            )
+            if stopped_early:
                 break
         meta: dict[str, Any] = {"history": history, "stopped_early": stopped_early}
+        if progress.resumed_at:
+            meta["resumed_at"] = progress.resumed_at
         if self.final_validation:
             metrics = await self._validate_final(ctx, global_params, targets, needed, current_round)
             meta["validation"] = metrics
@@ -354,6 +383,38 @@ class ScatterGather(Controller):
         else:
             (params,) = (output.params for output in upstream.values())
         return as_params(params)
+
+
+@dataclass
+class _Progress:
+    """Where a run stands after its completed rounds (what each round checkpoints)."""
+
+    params: dict[str, Any]
+    next_round: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    server_state: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False
+    resumed_at: list[int] = field(default_factory=list)
+
+
+def _restored_progress(ctx: ControllerContext) -> _Progress:
+    saved = ctx.restored
+    try:
+        progress = _Progress(
+            params=dict(saved["params"]),
+            next_round=int(saved["next_round"]),
+            history=list(saved["history"]),
+            server_state=dict(saved["server_state"]),
+            metrics=dict(saved["metrics"]),
+            stopped=bool(saved["stopped"]),
+            resumed_at=list(saved["resumed_at"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"node {ctx.node!r}: its checkpoint is not a scatter-gather state: {exc!r}"
+        ) from exc
+    return progress
 
 
 def _load_model(owner: str, path: str) -> Mapping[str, Any]:

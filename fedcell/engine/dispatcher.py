@@ -42,7 +42,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -380,7 +380,12 @@ class _RelayHandle(TaskHandle):
 
 @dataclass
 class ControllerContext:
-    """What a running DAG node gets: its dispatcher and the outputs of the nodes it follows."""
+    """What a running DAG node gets: its dispatcher and the outputs of the nodes it follows.
+
+    ``restored`` and :meth:`checkpoint` are the resume API (see :mod:`fedcell.engine.checkpoint`):
+    ``restored`` is the state this node saved last before a server crash (``None`` on a fresh
+    start), and ``await ctx.checkpoint(state)`` saves the state after each completed step.
+    """
 
     job_id: str
     node: str
@@ -389,6 +394,23 @@ class ControllerContext:
     workspace: Path | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("fedcell.controller"))
     progress: Callable[[ProgressEvent], None] | None = None
+    restored: Any = None
+    checkpointer: Callable[[Any], Awaitable[None]] | None = None
+
+    async def checkpoint(self, state: Any) -> None:
+        """Persist this node's resumable state: plain data, arrays, tensors, wire types.
+
+        Call it after each completed round or step with everything the node needs to go on
+        from there; a resumed run gets it back as :attr:`restored`. A no-op when the job runs
+        without checkpoints. Do not mutate ``state`` while this is awaited.
+
+        Raises
+        ------
+        CheckpointError
+            If ``state`` holds a value the codec does not carry, or the write failed.
+        """
+        if self.checkpointer is not None:
+            await self.checkpointer(state)
 
     def report(
         self, step: int, total: int | None = None, metrics: Mapping[str, Any] | None = None

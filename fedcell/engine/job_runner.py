@@ -26,6 +26,13 @@ The :class:`~fedcell.engine.scheduler.Scheduler` decides; the runner acts. Its l
   events; call them on the runner's event loop (from another thread use
   ``loop.call_soon_threadsafe``). ``abort()`` before ``run()`` aborts the job as it starts.
 
+Checkpoints (:mod:`fedcell.engine.checkpoint`): with a ``checkpoint`` store the runner saves the
+scheduler snapshot (finished outputs included) when the job starts and after every node that
+finishes or fails, before starting the nodes that follow, and gives each node ``ctx.checkpoint``. A fresh run clears the
+store first. ``resume=True`` rebuilds the scheduler from the store instead and feeds it
+``JobResumed``: finished nodes are not rerun, running ones start again with ``ctx.restored`` set
+to their last saved state, a job that was done ends at once; an empty store starts afresh.
+
 ``run()`` returns only after every node task has ended (cancelled ones included), so a finished
 runner leaves nothing running; cancelling ``run()`` itself cancels and awaits all node tasks.
 Controllers must honour cancellation for that to be prompt. The runner works with any
@@ -36,6 +43,7 @@ deployments. Timestamps are ``time.monotonic()`` seconds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import types
@@ -45,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcell.engine.checkpoint import CheckpointStore
 from fedcell.engine.dispatcher import Controller, ControllerContext, Dispatcher
 from fedcell.engine.job import Job, JobNode
 from fedcell.engine.progress import ProgressEvent
@@ -55,6 +64,7 @@ from fedcell.engine.scheduler import (
     Event,
     FailureKind,
     JobDone,
+    JobResumed,
     JobStarted,
     JobState,
     NodeFailed,
@@ -67,6 +77,7 @@ from fedcell.engine.scheduler import (
     Tick,
 )
 from fedcell.errors import (
+    ConfigError,
     JobAbortedError,
     JobError,
     SiteCrashedError,
@@ -191,6 +202,15 @@ class JobRunner:
         Default: ``fedcell.job.<job_id>``; each node logs to a child named after it.
     progress:
         Receives the :class:`~fedcell.engine.progress.ProgressEvent` s controllers report.
+    checkpoint:
+        Where to save the job's progress so a restarted server can resume it.
+    resume:
+        Resume from ``checkpoint`` instead of starting afresh (needs ``checkpoint``).
+
+    Raises
+    ------
+    ConfigError
+        ``resume`` without a ``checkpoint`` store.
     """
 
     def __init__(
@@ -202,7 +222,11 @@ class JobRunner:
         workspace: str | Path | None = None,
         logger: logging.Logger | None = None,
         progress: Callable[[ProgressEvent], None] | None = None,
+        checkpoint: CheckpointStore | None = None,
+        resume: bool = False,
     ) -> None:
+        if resume and checkpoint is None:
+            raise ConfigError("JobRunner: resume=True needs a checkpoint store to resume from")
         self.job = job
         self._progress = progress
         self.dispatcher = dispatcher
@@ -218,6 +242,9 @@ class JobRunner:
             str, JobNode
         ] = {}  # job.nodes as of run(); Job.nodes is built per call
         self._started = False
+        self._checkpoint = checkpoint
+        self._resume = resume
+        self._restored: dict[str, Any] = {}  # node → state it saved before the crash
 
     @property
     def state(self) -> JobState:
@@ -246,6 +273,10 @@ class JobRunner:
             The job is invalid for the dispatcher's sites (nothing was started).
         JobError
             ``run`` was called twice.
+        CheckpointError
+            Resuming: the checkpoint is corrupt or belongs to another job (nothing was
+            started). Running: a checkpoint could not be written (the job's nodes are
+            cancelled: a run that cannot be resumed as asked is not carried on).
         """
         if self._started:
             raise JobError(f"job {self.job_id!r}: JobRunner.run() was already called")
@@ -253,13 +284,17 @@ class JobRunner:
         sites = tuple(self.dispatcher.sites)
         self.job.validate(sites)
         self._nodes = self.job.nodes
-        scheduler = Scheduler(self.job.node_specs(), min_sites=self.job.min_sites)
+        scheduler, commands = await self._begin(sites)
         self._scheduler = scheduler
-        self._logger.info("job %s starting on sites %s", self.job_id, list(sites))
         try:
-            commands = scheduler.handle(JobStarted(sites, time.monotonic()))
+            await self._save(scheduler)
             while not self._execute(commands):
-                commands = scheduler.handle(await self._next_event(scheduler))
+                event = await self._next_event(scheduler)
+                commands = scheduler.handle(event)
+                if isinstance(event, NodeFinished | NodeFailed) or any(
+                    isinstance(command, JobDone) for command in commands
+                ):
+                    await self._save(scheduler)
         finally:
             await self._cancel_all("the job runner stopped")
         self._logger.info(
@@ -269,6 +304,44 @@ class JobRunner:
             f": {scheduler.job_reason}" if scheduler.job_reason else "",
         )
         return self._result(scheduler)
+
+    async def _begin(self, sites: tuple[str, ...]) -> tuple[Scheduler, list[Command]]:
+        """A fresh scheduler and its first commands, or the checkpointed one when resuming."""
+        specs = self.job.node_specs()
+        store = self._checkpoint
+        if store is not None and self._resume:
+            snapshot = await asyncio.to_thread(
+                store.load_job, self.job_id, [spec.name for spec in specs]
+            )
+            if snapshot is not None:
+                scheduler = Scheduler.from_snapshot(snapshot)
+                running = [
+                    name for name, r in scheduler.nodes.items() if r.state is NodeState.RUNNING
+                ]
+                for name in running:
+                    self._restored[name] = await asyncio.to_thread(store.load_node, name)
+                self._logger.info(
+                    "job %s resuming on sites %s: finished %s, restarting %s",
+                    self.job_id,
+                    list(sites),
+                    sorted(scheduler.outputs),
+                    running,
+                )
+                return scheduler, scheduler.handle(JobResumed(sites, time.monotonic()))
+            self._logger.info("job %s has no checkpoint yet: starting afresh", self.job_id)
+        if store is not None:
+            await asyncio.to_thread(store.clear)
+        scheduler = Scheduler(specs, min_sites=self.job.min_sites)
+        self._logger.info("job %s starting on sites %s", self.job_id, list(sites))
+        return scheduler, scheduler.handle(JobStarted(sites, time.monotonic()))
+
+    async def _save(self, scheduler: Scheduler) -> None:
+        if self._checkpoint is not None:
+            await asyncio.to_thread(self._checkpoint.save_job, self.job_id, scheduler.snapshot())
+
+    async def _save_node(self, node: str, state: Any) -> None:
+        if self._checkpoint is not None:
+            await asyncio.to_thread(self._checkpoint.save_node, node, state)
 
     # ------------------------------------------------------------------ command execution
 
@@ -299,8 +372,14 @@ class JobRunner:
             workspace=workspace,
             logger=self._logger.getChild(command.node),
             progress=self._progress,
+            restored=self._restored.pop(command.node, None),
+            checkpointer=None
+            if self._checkpoint is None
+            else functools.partial(self._save_node, command.node),
         )
-        self._logger.info("starting node %s", command.node)
+        self._logger.info(
+            "%s node %s", "resuming" if ctx.restored is not None else "starting", command.node
+        )
         self._tasks[command.node] = asyncio.create_task(
             self._run_node(command.node, node.controller, ctx),
             name=f"fedcell-node-{self.job_id}-{command.node}",

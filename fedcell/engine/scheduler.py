@@ -36,6 +36,11 @@ Rules, chosen to match what workflow users expect (Airflow's ``upstream_failed``
   longer running (a result racing a cancel) and all events after the job is done are ignored.
   Events naming an unknown node, or arriving before :class:`JobStarted`, are driver bugs and
   raise :class:`~fedcell.errors.JobError`.
+- Resume after a server crash (:mod:`fedcell.engine.checkpoint`): a scheduler rebuilt with
+  :meth:`Scheduler.from_snapshot` takes :class:`JobResumed` instead of :class:`JobStarted`. Nodes
+  the snapshot shows *running* start again (``StartNode``, their clock restarted); finished nodes
+  keep their outputs and are not rerun; a job the snapshot shows done emits its ``JobDone``
+  again (once per scheduler), so the resumed driver ends at once.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ __all__ = [
     "Event",
     "FailureKind",
     "JobDone",
+    "JobResumed",
     "JobStarted",
     "JobState",
     "NodeFailed",
@@ -127,6 +133,14 @@ class JobStarted:
 
 
 @dataclass(frozen=True)
+class JobResumed:
+    """The driver resumes a job restored from a snapshot, with these live sites."""
+
+    sites: tuple[str, ...]
+    now: float
+
+
+@dataclass(frozen=True)
 class NodeFinished:
     """A node's run returned ``output``."""
 
@@ -176,7 +190,16 @@ class Tick:
     now: float
 
 
-Event = JobStarted | NodeFinished | NodeFailed | AbortRequested | SiteLost | SiteJoined | Tick
+Event = (
+    JobStarted
+    | JobResumed
+    | NodeFinished
+    | NodeFailed
+    | AbortRequested
+    | SiteLost
+    | SiteJoined
+    | Tick
+)
 
 
 # --------------------------------------------------------------------------- commands
@@ -327,10 +350,13 @@ class Scheduler:
         ------
         JobError
             The event names an unknown node, or arrives before :class:`JobStarted`, or
-            :class:`JobStarted` arrives twice.
+            :class:`JobStarted` arrives twice, or :class:`JobResumed` arrives at a scheduler
+            that was never started.
         """
         if isinstance(event, JobStarted):
             return self._on_job_started(event)
+        if isinstance(event, JobResumed):
+            return self._on_job_resumed(event)
         if self._job.state is JobState.PENDING:
             raise JobError(f"{type(event).__name__} arrived before JobStarted")
         if isinstance(event, NodeFinished | NodeFailed) and event.node not in self._nodes:
@@ -366,6 +392,27 @@ class Scheduler:
             )
         roots = [name for name, record in self._nodes.items() if not record.upstream]
         return self._start_ready(roots, event.now) + self._finish_if_idle(event.now)
+
+    def _on_job_resumed(self, event: JobResumed) -> list[Command]:
+        if self._job.state is JobState.PENDING:
+            raise JobError("JobResumed arrived at a scheduler whose job never started")
+        if self._is_done():
+            return [JobDone(self._job.state, self._job.reason)]
+        self._job.live_sites = set(event.sites)
+        if len(self._job.live_sites) < self._min_sites:
+            return self._end_job(
+                JobState.CRASHED,
+                f"the job needs at least {self._min_sites} site(s) but resumed with "
+                f"{len(self._job.live_sites)}",
+                NodeState.SKIPPED,
+                event.now,
+            )
+        commands: list[Command] = []
+        for name in self._running:
+            record = self._nodes[name]
+            record.started_at = event.now
+            commands.append(StartNode(name, {up: self._outputs[up] for up in record.upstream}))
+        return commands
 
     def _on_node_finished(self, event: NodeFinished) -> list[Command]:
         record = self._nodes[event.node]
