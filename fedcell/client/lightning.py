@@ -11,8 +11,11 @@ A Lightning script becomes federated with one call and the usual loop::
         trainer.validate(model, datamodule=dm)   # evaluates the received global model
         trainer.fit(model, datamodule=dm)        # trains from it, then sends the result
 
-``patch`` appends two callbacks to the trainer (as NVIDIA FLARE's ``flare.patch`` does, so a
-FLARE Lightning script runs with only its import line changed):
+``patch`` appends two callbacks to the trainer, as NVIDIA FLARE's ``flare.patch`` does, so a
+FLARE Lightning script runs with only its import line changed: this module also carries the
+Client API (``import fedcell.client.lightning as flare`` mirrors ``import
+nvflare.client.lightning as flare``), and Trainers of both Lightning distributions
+(``lightning.pytorch`` and the standalone ``pytorch_lightning`` FLARE's examples use) are served.
 
 :class:`FLCallback` moves models between the trainer and the task the Client API holds:
 
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,11 +77,60 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 import fedcell.client as flare
+
+# FLARE's Lightning scripts call the whole Client API through ``import nvflare.client.lightning as
+# flare``; the same names are here, so ``import fedcell.client.lightning as flare`` works as well.
+from fedcell.client import (
+    AnalyticsDataType,
+    FLModel,
+    ParamsType,
+    clear,
+    get_config,
+    get_job_id,
+    get_site_name,
+    get_task_name,
+    init,
+    is_evaluate,
+    is_running,
+    is_submit_model,
+    is_train,
+    log,
+    receive,
+    send,
+    system_info,
+)
 from fedcell.client.api import ClientAPI
 from fedcell.errors import ConfigError
-from fedcell.fl_model import FLModel
 
-__all__ = ["FL_META_KEY", "NUM_STEPS_CURRENT_ROUND", "FLCallback", "RestoreState", "patch"]
+__all__ = [
+    "FL_META_KEY",
+    "NUM_STEPS_CURRENT_ROUND",
+    "AnalyticsDataType",
+    "FLCallback",
+    "FLModel",
+    "ParamsType",
+    "RestoreState",
+    "clear",
+    "get_config",
+    "get_job_id",
+    "get_site_name",
+    "get_task_name",
+    "init",
+    "is_evaluate",
+    "is_running",
+    "is_submit_model",
+    "is_train",
+    "log",
+    "patch",
+    "receive",
+    "send",
+    "system_info",
+]
+
+#: The two distributions of Lightning: the ``lightning`` package and the standalone
+#: ``pytorch_lightning`` (what FLARE's examples import). Both are installed together; their
+#: Trainers call callbacks by hook name, so one callback class serves both.
+_LIGHTNING_PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
 #: Attribute of a LightningModule whose dict is added to the meta of every train result.
 FL_META_KEY = "__fl_meta__"
@@ -99,7 +152,7 @@ def patch(
     Parameters
     ----------
     trainer:
-        The ``lightning.pytorch.Trainer`` the script trains with.
+        The ``Trainer`` the script trains with (``lightning.pytorch`` or ``pytorch_lightning``).
     restore_state:
         Carry optimizer, LR-scheduler and grad-scaler state from each fit to the next.
     load_state_dict_strict:
@@ -112,9 +165,10 @@ def patch(
         If ``trainer`` is not a Lightning ``Trainer``, spans several processes, or the script
         is not running under a fedcell ScriptRunner.
     """
-    if not isinstance(trainer, Trainer):
+    if not _is_trainer(trainer):
         raise ConfigError(
-            f"flare.patch() takes a lightning.pytorch.Trainer, not {type(trainer).__name__}"
+            "flare.patch() takes a lightning.pytorch (or pytorch_lightning) Trainer, not "
+            f"{type(trainer).__name__}"
         )
     if trainer.world_size > 1:
         raise ConfigError(
@@ -127,6 +181,14 @@ def patch(
         callbacks.append(FLCallback(_client_api(), trainer, load_state_dict_strict))
     if restore_state and not any(isinstance(callback, RestoreState) for callback in callbacks):
         callbacks.append(RestoreState())
+
+
+def _is_trainer(candidate: object) -> bool:
+    for package in _LIGHTNING_PACKAGES:
+        module = sys.modules.get(package)  # a Trainer of a package implies it is imported
+        if module is not None and isinstance(candidate, module.Trainer):
+            return True
+    return False
 
 
 def _client_api() -> ClientAPI:

@@ -213,7 +213,8 @@ def test_patch_adds_its_callbacks_once_and_refuses_what_it_cannot_serve() -> Non
         without_state = make_trainer()
         flare.patch(without_state, restore_state=False)
         assert not any(isinstance(c, RestoreState) for c in without_state.callbacks)
-        with pytest.raises(ConfigError, match=r"takes a lightning\.pytorch\.Trainer, not Linear"):
+        refusal = r"takes a lightning\.pytorch \(or pytorch_lightning\) Trainer, not Linear"
+        with pytest.raises(ConfigError, match=refusal):
             flare.patch(nn.Linear(2, 2))
 
     run_as_script(ScriptedSite(), script)
@@ -242,3 +243,60 @@ def test_fit_for_a_task_it_does_not_answer_warns_and_sends_nothing(
 
     assert site.results == []
     assert "ran for task 'submit_model', which fit does not answer" in caplog.text
+
+
+def test_a_flare_style_script_with_pytorch_lightning_and_the_lightning_import_runs() -> None:
+    # Prepare: what NVIDIA FLARE's hello-lightning client does, with `nvflare` replaced by
+    # `fedcell` in its import line, and the standalone pytorch_lightning distribution.
+    import pytorch_lightning
+
+    class FlareStyleNet(pytorch_lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = TinyClassifier(seed=1).layers
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = nn.functional.cross_entropy(self.layers(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_loss", nn.functional.cross_entropy(self.layers(x), y))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    received = global_params(3)
+    site = ScriptedSite(ScriptTask("t1", "train", FLModel(params=received, current_round=0)), None)
+    train_loader, validation_loader = site_loaders("site-1")
+    model = FlareStyleNet()
+    at_validation: list[torch.Tensor] = []
+
+    def script() -> None:
+        import fedcell.client.lightning as flare
+
+        flare.init()
+        assert flare.get_site_name() == "site-1"
+        trainer = pytorch_lightning.Trainer(
+            max_epochs=1, accelerator="cpu", devices=1, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )
+        flare.patch(trainer)
+        while flare.is_running():
+            input_model = flare.receive()
+            assert input_model is not None and input_model.current_round == 0
+            trainer.validate(model, dataloaders=validation_loader, verbose=False)
+            at_validation.append(model.layers[0].weight.detach().clone())
+            trainer.fit(model, train_loader, validation_loader)
+
+    # Execute
+    run_as_script(site, script)
+
+    # Assert: the global model was validated, trained from and answered, with its metrics.
+    torch.testing.assert_close(at_validation[0], received["layers.0.weight"])
+    [result] = site.results
+    assert result.model.meta["NUM_STEPS_CURRENT_ROUND"] == 3
+    assert result.model.metrics is not None
+    assert result.model.metrics["val_loss"] == pytest.approx(validation_loss(received))
