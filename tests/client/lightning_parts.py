@@ -10,9 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+#: Warnings of Lightning that are no failure of the code under test: its performance hints
+#: (``PossibleUserWarning``: few DataLoader workers on a many-core machine, a GPU left unused by
+#: the CPU trainers), from both distributions, and a torch pytree API that torch 2.13 deprecates
+#: and Lightning 2.6 still calls.
+LIGHTNING_WARNINGS = [
+    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
+    pytest.mark.filterwarnings("ignore::lightning_fabric.utilities.warnings.PossibleUserWarning"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+]
 
 N_FEATURES = 8
 N_CLASSES = 3

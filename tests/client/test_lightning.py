@@ -6,15 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_parts import BATCH_SIZE, SITE_SAMPLES, TinyClassifier  # type: ignore[import-not-found]
+from lightning_parts import (  # type: ignore[import-not-found]
+    BATCH_SIZE,
+    LIGHTNING_WARNINGS,
+    SITE_SAMPLES,
+    TinyClassifier,
+)
 
 from fedcell.controllers import FedAvg
 from fedcell.engine.job import Job
 from fedcell.executors.script_runner import ScriptRunner
 
 HERE = Path(__file__).resolve().parent
-# Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+pytestmark = LIGHTNING_WARNINGS
 
 EPOCHS_PER_ROUND = 2
 

@@ -9,7 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-from lightning_parts import TinyClassifier, make_trainer, site_loaders  # type: ignore[import-not-found]
+from lightning_parts import (  # type: ignore[import-not-found]
+    LIGHTNING_WARNINGS,
+    TinyClassifier,
+    make_trainer,
+    site_loaders,
+)
 from torch import nn
 
 import fedcell.client as flare
@@ -25,8 +30,7 @@ from fedcell.executors.script_protocol import (
 )
 from fedcell.fl_model import FLModel
 
-# Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+pytestmark = LIGHTNING_WARNINGS
 
 
 class ScriptedSite(ScriptSession):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_parts import LIGHTNING_WARNINGS  # type: ignore[import-not-found]
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning"
-# Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+pytestmark = LIGHTNING_WARNINGS
 
 
 @pytest.fixture
