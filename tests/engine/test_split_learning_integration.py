@@ -1,5 +1,6 @@
 """Split learning end to end: the example job in the simulator, with its sites as threads and as
-real processes, reaching the centralized accuracy and reporting bytes and time per batch."""
+real processes, reaching the centralized accuracy and reporting bytes and time per batch; and no
+label or feature bytes in anything any cell sends."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+
+from fedcell.transports import codec
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "split-learning"
 EPOCHS = 3
@@ -22,9 +26,14 @@ def example(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     before = set(sys.modules)
     monkeypatch.setattr(sys, "path", [str(EXAMPLE), *sys.path])
     namespace = runpy.run_path(str(EXAMPLE / "job.py"), run_name="example")
+    import vertical_data
     from centralized_baseline import train_centralized
 
-    yield {"make_job": namespace["make_job"], "train_centralized": train_centralized}
+    yield {
+        "make_job": namespace["make_job"],
+        "train_centralized": train_centralized,
+        "data": vertical_data,
+    }
     for name in set(sys.modules) - before:
         if not name.startswith(("fedcell", "torch", "numpy", "_")):
             del sys.modules[name]
@@ -73,3 +82,40 @@ def test_split_learning_with_sites_as_processes(example: dict[str, Any], tmp_pat
     assert (tmp_path / "job" / "custom" / "vertical_data.py").exists()
     for site in ("site-1", "site-2"):
         assert f"{site}: linked to 'server'" in (tmp_path / f"{site}.log").read_text()
+
+
+@pytest.mark.integration
+def test_no_label_or_feature_bytes_cross_any_cell(
+    example: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: record every payload frame the cells encode (messages and streams use codec.encode)
+    frames: list[bytes] = []
+    original_encode = codec.encode
+
+    def recording_encode(value: Any) -> tuple[Any, list[Any]]:
+        tree, buffers = original_encode(value)
+        frames.append(codec.pack_tree(tree))
+        frames.extend(bytes(memoryview(buffer).cast("B")) for buffer in buffers)
+        return tree, buffers
+
+    monkeypatch.setattr(codec, "encode", recording_encode)
+
+    # Execute
+    result = example["make_job"](1).simulate(n_clients=2, workspace=tmp_path)
+
+    # Assert: the recorder saw the cut tensors cross (2 per batch)...
+    assert result.ok, result.job.reason
+    cut_bytes = 64 * 16 * 4
+    assert sum(len(frame) == cut_bytes for frame in frames) >= 2 * (3072 // 64)
+    # ...but no run of labels (in either site order or id order) and no feature row
+    data = example["data"]
+    for split in ("train", "validate"):
+        label_ids, labels = data.labels(split)
+        feature_ids, features = data.features(split)
+        by_id = labels[np.argsort(label_ids)]
+        needles = [labels[i : i + 12].tobytes() for i in (0, 300, 700)]
+        needles += [by_id[i : i + 12].tobytes() for i in (0, 300, 700)]
+        needles += [features[i].tobytes() for i in (0, 1, 500)]
+        needles += [features[np.argsort(feature_ids)][i].tobytes() for i in (0, 1, 500)]
+        for needle in needles:
+            assert not any(needle in frame for frame in frames)
