@@ -35,7 +35,9 @@ tree. Each class says whether retrying the same operation can succeed (``retryab
     │   └── CheckpointError         a checkpoint is torn, corrupt, foreign, or cannot be written
     └── SecurityError
         ├── AuthenticationError     no valid credentials
-        └── PolicyError             the site's policy refuses the action
+        ├── PolicyError             the site's policy refuses the action
+        └── SealError               a sealed message does not open (tampered, not for this
+                                    cell, replayed, expired, or signed by an unknown sender)
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ __all__ = [
     "RemoteError",
     "RequestTimeoutError",
     "RouteLoopError",
+    "SealError",
     "SecurityError",
     "SiteCrashedError",
     "StreamCancelledError",
@@ -223,3 +226,8 @@ class AuthenticationError(SecurityError):
 
 class PolicyError(SecurityError):
     """The site's policy refuses the action; the message says which rule."""
+
+
+class SealError(SecurityError):
+    """A sealed (end-to-end encrypted) message does not open: tampered, addressed to another
+    cell, replayed, expired, or signed by a sender the project CA does not vouch for."""
