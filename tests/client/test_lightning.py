@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -37,7 +38,14 @@ def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, tor
         torch.testing.assert_close(actual[name].double(), expected[name].double(), atol=1e-6, rtol=0)
 
 
-def test_fedavg_rounds_train_from_the_aggregated_model_and_report_metrics(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "script_mode",
+    # A script process imports Lightning itself: 10-40 s on a loaded 2-core machine.
+    ["thread", pytest.param("subprocess", marks=[pytest.mark.integration, pytest.mark.slow])],
+)
+def test_fedavg_rounds_train_from_the_aggregated_model_and_report_metrics(
+    tmp_path: Path, script_mode: Literal["thread", "subprocess"]
+) -> None:
     # Prepare: 3 FedAvg rounds over 2 sites of different sizes (FedAvg weighs by steps).
     rounds = 3
     records = tmp_path / "records"
@@ -45,7 +53,8 @@ def test_fedavg_rounds_train_from_the_aggregated_model_and_report_metrics(tmp_pa
     job = Job("lightning-fedavg")
     job.add(FedAvg(rounds=rounds, model="lightning_parts:TinyClassifier"), name="train")
     job.add_executor(
-        ScriptRunner(script="lightning_script.py", args=[str(records)]), tasks=("train",)
+        ScriptRunner(script="lightning_script.py", args=[str(records)], mode=script_mode),
+        tasks=("train",),
     )
     job.add_file(HERE / "lightning_script.py")
     job.add_file(HERE / "lightning_parts.py")
