@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedcell.engine.cell_dispatcher import JOB_END_CHANNEL, CellDispatcher
+from fedcell.engine.checkpoint import CheckpointStore
 from fedcell.engine.job import Job
 from fedcell.engine.job_runner import JobResult, JobRunner
 from fedcell.engine.memory import keep_large_allocations_returnable
@@ -59,7 +60,15 @@ from fedcell.fl_model import FLModel
 from fedcell.transports.cell import Cell, CellConfig
 from fedcell.transports.stream import StreamConfig
 
-__all__ = ["SimulationResult", "run_simulation", "simulate", "site_names"]
+__all__ = [
+    "SimulationResult",
+    "run_simulation",
+    "serve_job",
+    "server_config",
+    "simulate",
+    "site_names",
+    "write_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +174,7 @@ async def run_simulation(
             result = await _run_threads(job, job_id, names, root, sink)
         else:
             result = await _run_processes(job, job_id, names, root, sink, transport)
-    return _write_results(result, root)
+    return write_results(result, root)
 
 
 #: Thread-pool variables of the numeric libraries sites use (torch/OpenMP, MKL, OpenBLAS).
@@ -210,7 +219,8 @@ def _shared_cpus(n_sites: int) -> Iterator[None]:
             torch.set_num_threads(saved_threads)
 
 
-def _server_config(n_sites: int) -> CellConfig:
+def server_config(n_sites: int) -> CellConfig:
+    """The server cell's settings for a job of ``n_sites`` sites (heartbeats, inbound budget)."""
     # Many in-process sites share one core: space heartbeats out so they stay cheap.
     interval = 1.0 if n_sites <= 64 else 5.0
     # Results of all sites stream in at once: admit about one large model at a time, so the
@@ -222,7 +232,7 @@ def _server_config(n_sites: int) -> CellConfig:
 async def _run_threads(
     job: Job, job_id: str, names: list[str], root: Path, sink: ProgressSink
 ) -> JobResult:
-    config = _server_config(len(names))
+    config = server_config(len(names))
     async with AsyncExitStack() as stack:
         server = Cell("server", listen=f"inproc://fedcell-sim-{job_id}", config=config)
         await server.start()
@@ -263,7 +273,7 @@ async def _run_processes(
     else:
         sock_dir = None
         url = "tcp://127.0.0.1:0"
-    server = Cell("server", listen=url, config=_server_config(len(names)))
+    server = Cell("server", listen=url, config=server_config(len(names)))
     await server.start()
     joined: asyncio.Queue[str] = asyncio.Queue()
     server.add_peer_listener(
@@ -277,22 +287,7 @@ async def _run_processes(
             logs.append(log)
             children[name] = _spawn_site(name, server.url, job_dir, job_id, log)
         await _wait_for_sites(joined, set(names), children)
-        dispatcher = CellDispatcher(server, job_id, names)
-        runner = JobRunner(
-            job, dispatcher, job_id=job_id, workspace=root / "nodes", progress=sink.report
-        )
-        server.add_peer_listener(
-            lambda name, event: (
-                runner.site_lost(name) if event == "left" and name in names else None
-            )
-        )
-        result = await runner.run()
-        for name in names:
-            try:
-                await server.send(name, JOB_END_CHANNEL, {"job": job_id})
-            except Exception as exc:  # a lost site needs no goodbye
-                logger.debug("could not end job at %s: %s", name, exc)
-        return result
+        return await serve_job(server, job, job_id, names, root, progress=sink.report)
     finally:
         await _reap(children)
         await server.stop()
@@ -302,6 +297,63 @@ async def _run_processes(
             for leftover in sock_dir.iterdir():
                 leftover.unlink(missing_ok=True)
             sock_dir.rmdir()
+
+
+async def serve_job(
+    server: Cell,
+    job: Job,
+    job_id: str,
+    names: Sequence[str],
+    root: Path,
+    *,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    checkpoint: CheckpointStore | None = None,
+    resume: bool = False,
+) -> JobResult:
+    """Run ``job`` from the started ``server`` cell on the connected sites ``names``, then tell
+    them the job ended. Sites that leave are reported to the runner (and ones that come back).
+
+    Used by the simulator's ``processes`` mode and by :mod:`fedcell.engine.job_process`; the
+    node workspaces are ``<root>/nodes/<node>``; ``checkpoint`` and ``resume`` as for
+    :class:`~fedcell.engine.job_runner.JobRunner`.
+
+    Raises
+    ------
+    ConfigError
+        If the job is invalid for the sites.
+    CheckpointError
+        As :meth:`~fedcell.engine.job_runner.JobRunner.run` raises it.
+    """
+    dispatcher = CellDispatcher(server, job_id, names)
+    runner = JobRunner(
+        job,
+        dispatcher,
+        job_id=job_id,
+        workspace=root / "nodes",
+        progress=progress,
+        checkpoint=checkpoint,
+        resume=resume,
+    )
+
+    def on_peer(name: str, event: str) -> None:
+        if name not in names:
+            return
+        if event == "left":
+            runner.site_lost(name)
+        else:
+            runner.site_joined(name)
+
+    server.add_peer_listener(on_peer)
+    try:
+        result = await runner.run()
+    finally:
+        server.remove_peer_listener(on_peer)
+    for name in names:
+        try:
+            await server.send(name, JOB_END_CHANNEL, {"job": job_id})
+        except Exception as exc:  # a lost site needs no goodbye
+            logger.debug("could not end job at %s: %s", name, exc)
+    return result
 
 
 #: Above this many in-process sites, their logs share one file instead of one file each.
@@ -382,7 +434,8 @@ async def _reap(children: dict[str, subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
-def _write_results(result: JobResult, root: Path) -> SimulationResult:
+def write_results(result: JobResult, root: Path) -> SimulationResult:
+    """Write ``result.json``, ``metrics.csv`` and each node's final model under ``root``."""
     model_files: dict[str, Path] = {}
     rows: list[dict[str, Any]] = []
     for name, node in result.nodes.items():
