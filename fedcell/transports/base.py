@@ -28,7 +28,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from fedcell.transports.zmq_security import CurveSecurity
 
 __all__ = [
     "Buffer",
@@ -55,10 +58,15 @@ class TransportOptions:
         Messages that may wait in each direction before ``send`` blocks (ZeroMQ high-water mark).
     copy_threshold:
         Frames at least this large are sent without copying (ZeroMQ ``copy=False``).
+    security:
+        CurveZMQ credentials (:class:`~fedcell.transports.zmq_security.CurveSecurity`): the ZeroMQ
+        transport then encrypts every link and admits only peers the credentials authorize.
+        ``None``: plaintext. The in-process transport ignores it (nothing leaves the process).
     """
 
     queue_size: int = 1000
     copy_threshold: int = 64 * 1024
+    security: CurveSecurity | None = None
 
 
 @dataclass(slots=True)
@@ -76,6 +84,9 @@ class Connection(abc.ABC):
 
     #: A human-readable name of the remote end (URL or peer identity), for error messages.
     peer: str
+    #: The name the transport authenticated the remote end as (under CurveZMQ, the ZAP user id
+    #: of an accepted peer); ``None`` where the transport does not authenticate peers.
+    authenticated_identity: str | None = None
 
     def __init__(self) -> None:
         self._stats = ConnectionStats()
