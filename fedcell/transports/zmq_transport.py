@@ -66,6 +66,15 @@ dropped TCP session belonged to, so accepted connections report no state: the ce
 heartbeats detect lost peers. Closing an accepted connection forgets its identity; if that peer
 sends again, it is accepted as a new connection.
 
+Security. With :attr:`TransportOptions.security <fedcell.transports.base.TransportOptions>` set,
+every socket speaks CurveZMQ (see :mod:`fedcell.transports.zmq_security`): a client must know the
+listener's public key, and a listener admits only the client keys its authorizer names. The name
+arrives on every message as the ZAP ``User-Id``; the first message of an identity fixes its
+connection's :attr:`~fedcell.transports.base.Connection.authenticated_identity`, and a later
+message under that routing identity from another user (a peer taking the identity over with
+``ROUTER_HANDOVER``) is dropped. A client whose handshake is refused logs it (socket monitor);
+ZeroMQ keeps retrying, so the cell layer's handshake timeout reports the failure.
+
 Addresses. ``tcp://127.0.0.1:0`` binds an ephemeral port and ``Listener.url`` reports the real
 one; ``ipc://`` paths longer than the OS limit (``zmq.IPC_PATH_MAX_LEN``) raise
 :class:`~fedcell.errors.ConfigError` naming the path. Every ``zmq.ZMQError`` is mapped to the
@@ -83,7 +92,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -107,6 +116,11 @@ from fedcell.transports.base import (
     Transport,
     TransportOptions,
 )
+from fedcell.transports.zmq_security import (
+    apply_client_security,
+    authenticated_user,
+    register_listener,
+)
 
 __all__ = ["ListenerStats", "ZmqListener", "ZmqTransport"]
 
@@ -121,7 +135,8 @@ _BACKOFF_MAX_S: Final = 0.02
 _WRITABLE_RECHECK_MS: Final = 100
 _RELEASE_POLL_S: Final = 0.5
 _DROP_LOG_INTERVAL_S: Final = 1.0
-_MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+_HANDSHAKE_FAILED: Final = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+_MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
 
 _monitor_ids = itertools.count(1)
 
@@ -445,6 +460,8 @@ class ZmqClientConnection(ZmqConnection):
             self._dealer.routing_id = self.routing_id
             self._dealer.reconnect_ivl = RECONNECT_IVL_MS
             self._dealer.reconnect_ivl_max = RECONNECT_IVL_MAX_MS
+            if options.security is not None:
+                apply_client_security(self._dealer, options.security, url)
             self._monitor = self._dealer.get_monitor_socket(
                 _MONITOR_EVENTS, f"inproc://fedcell-zmq-monitor-{os.getpid()}-{next(_monitor_ids)}"
             )
@@ -452,8 +469,10 @@ class ZmqClientConnection(ZmqConnection):
             # The first message in the pipe, so it reaches the listener before any data.
             self._sync.send(TAG_HELLO, flags=zmq.NOBLOCK)
             _rearm(self._dealer)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ConfigError) as exc:
             self._close_sockets()
+            if isinstance(exc, ConfigError):
+                raise
             raise _map_zmq_error(exc, f"connect to {url}") from exc
         self._tasks = (
             asyncio.create_task(self._read_loop(), name=f"fedcell-zmq-reader {url}"),
@@ -495,6 +514,13 @@ class ZmqClientConnection(ZmqConnection):
                 self._notify_state_safely("connected")
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self._notify_state_safely("disconnected")
+            elif event["event"] & _HANDSHAKE_FAILED:
+                logger.error(
+                    "secure handshake with %s failed (%s, code %s): wrong server key, or the "
+                    "server does not admit this key", self.peer,
+                    "refused" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "protocol",
+                    event["value"],
+                )  # fmt: skip
 
     def _notify_state_safely(self, state: ConnectionState) -> None:
         # One failing listener must neither stop the others nor kill the monitor task.
@@ -572,8 +598,15 @@ class ListenerStats:
 class ZmqListener(Listener):
     """A bound ROUTER and the task that demultiplexes it into per-identity connections."""
 
-    def __init__(self, router: zmq.asyncio.Socket, url: str, options: TransportOptions) -> None:
+    def __init__(
+        self,
+        router: zmq.asyncio.Socket,
+        url: str,
+        options: TransportOptions,
+        release_security: Callable[[], None] | None = None,
+    ) -> None:
         self.url = url
+        self._release_security = release_security
         self._router = router
         self._router_sync = _sync_view(router)
         self._options = options
@@ -630,17 +663,24 @@ class ZmqListener(Listener):
                 return
             identity = message[0].bytes
             tag = message[1].bytes if len(message) > 1 else b""
-            if tag == TAG_DATA:
-                await self._connection(identity)._inbox.put(_to_received(message[2:], threshold))
-            elif tag == TAG_HELLO and len(message) == 2:
-                self._connection(identity)
-            else:
+            user = authenticated_user(message[1]) if len(message) > 1 else None
+            if tag not in (TAG_DATA, TAG_HELLO) or (tag == TAG_HELLO and len(message) != 2):
                 self._drop(identity, f"not a fedcell-zmq/1 message (tag {tag[:8]!r})")
+                continue
+            conn = self._connection(identity, user)
+            if conn.authenticated_identity != user:
+                self._drop(
+                    identity,
+                    f"sent by {user!r} under the routing identity of {conn.authenticated_identity!r}",
+                )
+            elif tag == TAG_DATA:
+                await conn._inbox.put(_to_received(message[2:], threshold))
 
-    def _connection(self, identity: bytes) -> ZmqServerConnection:
+    def _connection(self, identity: bytes, user: str | None) -> ZmqServerConnection:
         conn = self._connections.get(identity)
         if conn is None:
             conn = ZmqServerConnection(self, identity, self._options)
+            conn.authenticated_identity = user
             self._connections[identity] = conn
             self._accepted += 1
             self._pending.put_nowait(conn)
@@ -666,6 +706,8 @@ class ZmqListener(Listener):
             await self._demux_task
         self._close_connections()
         self._router.close(linger=0)
+        if self._release_security is not None:
+            self._release_security()
 
 
 class ZmqTransport(Transport):
@@ -679,21 +721,29 @@ class ZmqTransport(Transport):
         Raises
         ------
         ConfigError
-            The URL is malformed or the ipc path is longer than the OS allows.
+            The URL is malformed, the ipc path is longer than the OS allows, or the security
+            options have no authorizer.
         ConnectError
             The address is in use or not available.
         """
         _check_address(url)
         router = _new_socket(zmq.ROUTER, self.options)
+        release_security: Callable[[], None] | None = None
         try:
             router.router_mandatory = True
             router.router_handover = True
+            if self.options.security is not None:
+                release_security = register_listener(router, self.options.security)
             router.bind(url)
             bound_url = _reported_url(url, router.get_string(zmq.LAST_ENDPOINT))
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ConfigError) as exc:
             router.close(linger=0)
+            if release_security is not None:
+                release_security()
+            if isinstance(exc, ConfigError):
+                raise
             raise _map_zmq_error(exc, f"listen on {url}") from exc
-        return ZmqListener(router, bound_url, self.options)
+        return ZmqListener(router, bound_url, self.options, release_security)
 
     async def connect(self, url: str) -> ZmqClientConnection:
         """Connect to ``url``; returns at once (frames queue until the listener is there).
@@ -701,7 +751,8 @@ class ZmqTransport(Transport):
         Raises
         ------
         ConfigError
-            The URL is malformed or the ipc path is longer than the OS allows.
+            The URL is malformed, the ipc path is longer than the OS allows, or the security
+            options have no server key.
         """
         _check_address(url)
         return ZmqClientConnection(url, self.options)
