@@ -201,11 +201,16 @@ class Hello:
         certificate; empty by default.
     connection:
         The transport's description of the remote end, for messages.
+    identity:
+        The name the transport authenticated the remote end as (the CurveZMQ ZAP user id:
+        :attr:`~fedcell.transports.base.Connection.authenticated_identity`); ``None`` where the
+        transport does not authenticate peers. An authenticator binds the claimed name to it.
     """
 
     name: str
     claims: Mapping[str, Any]
     connection: str
+    identity: str | None = None
 
 
 #: ``authenticate(hello) -> name``: returns the name to register, or raises to refuse.
@@ -1328,7 +1333,9 @@ class Cell:
             raise FrameError(f"malformed hello from {link.conn.peer}")
         try:
             claimed = validate_cell_name(payload["name"])
-            hello = Hello(claimed, payload["claims"], link.conn.peer)
+            hello = Hello(
+                claimed, payload["claims"], link.conn.peer, link.conn.authenticated_identity
+            )
             name = validate_cell_name(
                 self._authenticate(hello) if self._authenticate is not None else claimed
             )
