@@ -16,7 +16,7 @@ N_CLASSES = 4
 class LitClassifier(pl.LightningModule):
     """A ~10k-parameter MLP trained with momentum SGD and a cosine learning-rate schedule."""
 
-    def __init__(self, lr: float = 0.05) -> None:
+    def __init__(self, lr: float = 0.01) -> None:
         super().__init__()
         self.lr = lr
         self.layers = nn.Sequential(
