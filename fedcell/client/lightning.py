@@ -70,7 +70,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -101,6 +101,12 @@ from fedcell.client import (
 )
 from fedcell.client.api import ClientAPI
 from fedcell.errors import ConfigError
+
+if TYPE_CHECKING:
+    import pytorch_lightning
+
+    #: A Trainer of either Lightning distribution.
+    AnyTrainer = Trainer | pytorch_lightning.Trainer
 
 __all__ = [
     "FL_META_KEY",
@@ -141,7 +147,9 @@ _logger = logging.getLogger("fedcell.client.lightning")
 
 
 def patch(
-    trainer: Trainer, restore_state: bool = True, load_state_dict_strict: bool = True
+    trainer: AnyTrainer,
+    restore_state: bool = True,
+    load_state_dict_strict: bool = True,
 ) -> None:
     """Make ``trainer`` exchange models with the fedcell site, round after round.
 
@@ -176,7 +184,7 @@ def patch(
             "API serves one training process per site script (use one device, or strategy "
             "'auto' on a single GPU)"
         )
-    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set in __init__
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[union-attr]  # set in __init__
     if not any(isinstance(callback, FLCallback) for callback in callbacks):
         callbacks.append(FLCallback(_client_api(), trainer, load_state_dict_strict))
     if restore_state and not any(isinstance(callback, RestoreState) for callback in callbacks):
@@ -209,7 +217,7 @@ class _RoundBudget:
     min_steps: int | None
 
     @classmethod
-    def of(cls, trainer: Trainer) -> _RoundBudget:
+    def of(cls, trainer: AnyTrainer) -> _RoundBudget:
         fit_loop = trainer.fit_loop
         return cls(
             fit_loop.max_epochs,
@@ -258,7 +266,9 @@ class FLCallback(Callback):
         ``strict`` for ``load_state_dict`` of the global model.
     """
 
-    def __init__(self, api: ClientAPI, trainer: Trainer, load_state_dict_strict: bool = True) -> None:
+    def __init__(
+        self, api: ClientAPI, trainer: AnyTrainer, load_state_dict_strict: bool = True
+    ) -> None:
         super().__init__()
         self._api = api
         self._budget = _RoundBudget.of(trainer)
