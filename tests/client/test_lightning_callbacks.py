@@ -304,3 +304,35 @@ def test_a_flare_style_script_with_pytorch_lightning_and_the_lightning_import_ru
     assert result.model.meta["NUM_STEPS_CURRENT_ROUND"] == 3
     assert result.model.metrics is not None
     assert result.model.metrics["val_loss"] == pytest.approx(validation_loss(received))
+
+
+class ShrinkingOptimizerClassifier(TinyClassifier):
+    """Optimizes every layer in its first fit, only the last layer afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=1)
+        self.fits = 0
+
+    def configure_optimizers(self) -> Any:
+        self.fits += 1
+        params = self.parameters() if self.fits == 1 else self.layers[2].parameters()
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def test_optimizer_state_that_no_longer_fits_is_refused_with_the_way_out() -> None:
+    site = ScriptedSite(
+        ScriptTask("t1", "train", FLModel(params=global_params())),
+        ScriptTask("t2", "train", FLModel(params=global_params())),
+    )
+    loaders = site_loaders("site-1")
+    model = ShrinkingOptimizerClassifier()
+
+    def script() -> None:
+        trainer = make_trainer(max_epochs=1)
+        flare.patch(trainer)
+        trainer.fit(model, *loaders)
+        trainer.fit(model, *loaders)
+
+    with pytest.raises(ConfigError, match=r"does not fit what configure_optimizers\(\) returned"):
+        run_as_script(site, script)
+    assert [r.task_id for r in site.results] == ["t1"]
