@@ -5,6 +5,9 @@
 Python file that defines a module-level ``job`` (a :class:`~fedcell.engine.job.Job`) or a
 ``make_job()`` function returning one; the file's folder is put on ``sys.path`` first, as
 ``python file.py`` would.
+
+``fedcell provision project.yml`` writes one startup kit per participant
+(:mod:`fedcell.deploy.provision`).
 """
 
 from __future__ import annotations
@@ -103,6 +106,39 @@ def simulate(
     console.print(f"results: {result.workspace}")
     if not result.ok:
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("project_file", metavar="PROJECT_YML", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "-w",
+    "--workspace",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Holds state/ (CA and keys, kept across runs) and kits/ (default: the file's folder).",
+)
+def provision(project_file: Path, workspace: Path | None) -> None:
+    """Write a startup kit per participant of PROJECT_YML (again: only what changed)."""
+    from fedcell.deploy.project import load_project
+    from fedcell.deploy.provision import provision as run
+    from fedcell.errors import FedcellError
+
+    console = Console()
+    try:
+        report = run(load_project(project_file), workspace or project_file.resolve().parent)
+    except (FedcellError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    table = Table(title=f"startup kits in {report.kits}")
+    table.add_column("participant")
+    table.add_column("kit")
+    table.add_column("certificate")
+    rows = [(name, "new") for name in report.created]
+    rows += [(name, "updated: " + ", ".join(files)) for name, files in report.updated.items()]
+    rows += [(name, "unchanged") for name in report.unchanged]
+    rows += [(name, "stale: no longer in the project") for name in report.stale]
+    for name, kit in rows:
+        table.add_row(name, kit, "issued" if name in report.issued else "kept")
+    console.print(table)
 
 
 if __name__ == "__main__":
