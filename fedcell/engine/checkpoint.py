@@ -21,8 +21,9 @@ A job run with a :class:`CheckpointStore` keeps its folder (``<workspace>/checkp
   A job that was already done ends at once with the same state. No checkpoint yet (the server
   died before the first step completed) means the job starts from the beginning.
 - Timestamps are ``time.monotonic()`` seconds of the process that saved them; on load they are
-  shifted so that the moment of the save becomes *now*: the downtime counts against no time
-  limit, and durations stay consistent.
+  shifted so that the moment of the last job save becomes *now*. Durations stay consistent but
+  leave out the downtime and whatever ran between that save and the crash; a restarted node's
+  time limit starts again.
 
 Controllers (the resume API)
 ----------------------------

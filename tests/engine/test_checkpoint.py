@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,3 +443,36 @@ def test_a_restored_state_that_is_not_scatter_gather_is_refused() -> None:
     )
     with pytest.raises(CheckpointError, match="node 'train': its checkpoint is not a scatter"):
         asyncio.run(controller.run(ctx))
+
+
+_WRITER = """
+import sys
+import numpy as np
+from fedcell.engine.checkpoint import write_checkpoint
+
+for i in range(1, 10_000):
+    write_checkpoint(sys.argv[1], {"i": i, "w": np.full(1_000_000, float(i))})
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_sigkill_while_writing_never_leaves_a_torn_checkpoint(tmp_path: Path) -> None:
+    # Prepare: a process rewriting an 8 MB checkpoint in a loop
+    path = tmp_path / "state.ckpt"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    try:
+        done = [int(writer.stdout.readline()) for _ in range(3)]
+        time.sleep(random.uniform(0.0, 0.05))
+        # Execute
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.wait()
+        writer.stdout.close()
+    # Assert: the last completed write or the one after it, whole
+    back = read_checkpoint(path)
+    assert back["i"] >= done[-1]
+    np.testing.assert_array_equal(back["w"], np.full(1_000_000, float(back["i"])))
