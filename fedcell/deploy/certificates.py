@@ -241,7 +241,7 @@ def verify_participant(
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise AuthenticationError(
             f"certificate {subject!r} was not issued by the project CA "
-            f"({ca_cert.subject.rfc4514_string()!r}) or was altered: {exc or 'bad signature'}"
+            f"({ca_cert.subject.rfc4514_string()!r}) or was altered: {str(exc) or 'bad signature'}"
         ) from exc
     now = now or _now()
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:

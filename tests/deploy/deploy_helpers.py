@@ -1,0 +1,52 @@
+"""Helpers of the deployment tests: project trees, provisioning into a workspace, free ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fedcell.deploy.project import Project, parse_project
+from fedcell.deploy.provision import ProvisionReport, provision
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def project_tree(
+    name: str = "demo", sites: tuple[str, ...] = ("site-1", "site-2"), port: int = 8002
+) -> dict[str, Any]:
+    return {
+        "project": name,
+        "server": {"host": "127.0.0.1", "port": port, "listen_host": "127.0.0.1"},
+        "sites": list(sites),
+        "admins": [{"name": "alice", "role": "project_admin"}, {"name": "bob"}],
+    }
+
+
+def provision_tree(tree: dict[str, Any], workspace: Path) -> ProvisionReport:
+    """Provision the project ``tree`` (as ``project.yml`` would parse) into ``workspace``."""
+    project: Project = parse_project(tree)
+    return provision(project, workspace)
+
+
+def kit_files(kit: Path) -> dict[str, bytes]:
+    """Every file of a kit, relative path → content."""
+    return {str(p.relative_to(kit)): p.read_bytes() for p in sorted(kit.rglob("*")) if p.is_file()}
+
+
+def tampered(pem: bytes) -> bytes:
+    """``pem`` with one bit of its serial number flipped: still a parseable certificate, but its
+    signature no longer matches (what an attacker editing a certificate produces)."""
+    cert = x509.load_pem_x509_certificate(pem)
+    whole = bytearray(cert.public_bytes(serialization.Encoding.DER))
+    tbs = cert.tbs_certificate_bytes
+    whole[bytes(whole).find(tbs) + 15] ^= 0x01  # inside the 20-byte serial, past its sign bit
+    forged = x509.load_der_x509_certificate(bytes(whole))
+    return forged.public_bytes(serialization.Encoding.PEM)
