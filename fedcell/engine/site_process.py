@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
+import importlib.util
 import logging
 import signal
 import sys
@@ -36,8 +38,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _preload_torch() -> None:
+    """Import torch now if it is installed, before the cell connects.
+
+    The wire codec imports torch lazily, on the event loop, when the first tensor arrives; if a
+    training script is importing torch (or Lightning) on its thread at that moment, the loop
+    waits on the import lock for the whole import and sends no heartbeats: under load the server
+    declared such sites lost. Importing first costs the same time once, while nobody waits.
+    """
+    if importlib.util.find_spec("torch") is not None:
+        importlib.import_module("torch")
+
+
 async def serve(args: argparse.Namespace) -> int:
     job = Job.load(args.job_dir)
+    await asyncio.to_thread(_preload_torch)
     executors = job.executors_for(args.name)
     workspace = args.job_dir / "custom"  # the job's code and files, as in the simulator
     cell = Cell(args.name, parent=args.parent)
