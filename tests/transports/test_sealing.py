@@ -10,6 +10,7 @@ import itertools
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -489,3 +490,40 @@ def test_reply_must_come_sealed_from_the_target(project: dict[str, Any]) -> None
                                        "plain", 1, project["site-2"][0])
 
     asyncio.run(main())
+
+
+def test_sealers_built_from_provisioned_startup_kits(tmp_path: Path) -> None:
+    # Prepare: a project provisioned by fedcell.deploy; site-1 learns site-2's certificate
+    # from the server's trust folder (certificates are public).
+    from fedcell.deploy.kit import StartupKit
+    from fedcell.deploy.project import parse_project
+    from fedcell.deploy.provision import provision
+
+    tree = {
+        "project": "demo",
+        "server": {"host": "127.0.0.1", "port": 8002, "listen_host": "127.0.0.1"},
+        "sites": ["site-1", "site-2"],
+    }
+    kits = provision(parse_project(tree), tmp_path).kits
+    site_1, site_2 = (StartupKit.load(kits / name) for name in ("site-1", "site-2"))
+    sealers = {
+        kit.name: Sealer(kit.me.certificate, kit.private_key, kit.ca_certificate)
+        for kit in (site_1, site_2)
+    }
+    site_2_cert = x509.load_pem_x509_certificate((kits / "server/trusted/site-2.pem").read_bytes())
+    # Execute
+    sealed = seal(sealers["site-1"], site_2_cert, model(), sender_name="site-1.job-1",
+                  recipient="site-2.job-1")
+    opened = sealers["site-2"].open(sealed, sender="site-1.job-1", recipient="site-2.job-1",
+                                    channel="train")
+    # Assert
+    assert_model_equal(opened.payload, model())
+    assert opened.sender_certificate == site_1.me.certificate
+    with pytest.raises(SealError, match="not issued by the project CA"):
+        open_as(sealer_for(project_of_other_ca(), "site-2"), sealed, sender="site-1.job-1",
+                recipient="site-2.job-1")
+
+
+def project_of_other_ca() -> dict[str, Any]:
+    ca = make_ca("other")
+    return {"ca": ca, "site-2": make_participant(ca, "site-2")}
