@@ -132,3 +132,23 @@ def test_sigkilled_server_resumes_and_ends_with_the_uninterrupted_model(tmp_path
     assert f"round {resumed_from}/{ROUNDS}" not in server_2
     assert summary["state"] == "finished"
     assert [row["round"] for row in summary["metrics"]] == list(range(ROUNDS))
+
+
+@pytest.mark.integration
+def test_job_process_gives_up_on_sites_that_never_connect(tmp_path: Path) -> None:
+    # Prepare
+    job_dir = tmp_path / "job"
+    seeded_job().export(job_dir)
+    args = [
+        "fedcell.engine.job_process", "--job-dir", str(job_dir),
+        "--listen", f"tcp://127.0.0.1:{free_port()}", "--sites", ",".join(SITES),
+        "--workspace", str(tmp_path / "server"), "--join-timeout", "1",
+    ]  # fmt: skip
+    # Execute
+    with processes() as children, (tmp_path / "server.log").open("wb") as log:
+        children.append(_spawn(args, log))
+        status = children[0].wait(60)
+    # Assert
+    output = (tmp_path / "server.log").read_text()
+    assert status == 2, output
+    assert "sites ['site-1', 'site-2'] did not connect within 1 s" in output
