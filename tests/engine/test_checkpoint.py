@@ -25,8 +25,19 @@ from fedcell.engine.dispatcher import Controller, ControllerContext, Task
 from fedcell.engine.job import Job
 from fedcell.engine.job_runner import JobRunner
 from fedcell.engine.local_dispatcher import LocalDispatcher, SiteHandler
-from fedcell.engine.scheduler import JobState, NodeState
-from fedcell.errors import CheckpointError, ConfigError
+from fedcell.engine.scheduler import (
+    CancelNode,
+    JobDone,
+    JobResumed,
+    JobStarted,
+    JobState,
+    NodeFinished,
+    NodeSpec,
+    NodeState,
+    Scheduler,
+    StartNode,
+)
+from fedcell.errors import CheckpointError, ConfigError, JobError
 from fedcell.fl_model import FLModel, ParamsType
 
 SITES = ("site-1", "site-2")
@@ -476,3 +487,35 @@ def test_sigkill_while_writing_never_leaves_a_torn_checkpoint(tmp_path: Path) ->
     back = read_checkpoint(path)
     assert back["i"] >= done[-1]
     np.testing.assert_array_equal(back["w"], np.full(1_000_000, float(back["i"])))
+
+
+# ---------------------------------------------------------------------------------- scheduler
+
+
+def _mid_job_scheduler() -> Scheduler:
+    """a → b and a → c, with a finished and b, c running; rebuilt from its snapshot."""
+    scheduler = Scheduler([NodeSpec("a"), NodeSpec("b", ("a",), 5.0), NodeSpec("c", ("a",))])
+    scheduler.handle(JobStarted(SITES, 0.0))
+    scheduler.handle(NodeFinished("a", "model-a", 1.0))
+    return Scheduler.from_snapshot(scheduler.snapshot())
+
+
+def test_job_resumed_restarts_running_nodes_with_their_inputs_and_clock() -> None:
+    scheduler = _mid_job_scheduler()
+    commands = scheduler.handle(JobResumed(SITES, 100.0))
+    assert commands == [StartNode("b", {"a": "model-a"}), StartNode("c", {"a": "model-a"})]
+    assert scheduler.next_deadline() == 105.0  # b's time limit starts again
+    assert scheduler.handle(NodeFinished("b", 1, 101.0)) == []
+    assert scheduler.handle(NodeFinished("c", 2, 102.0)) == [JobDone(JobState.FINISHED)]
+
+
+def test_job_resumed_with_too_few_sites_crashes_and_needs_a_started_job() -> None:
+    scheduler = _mid_job_scheduler()
+    commands = scheduler.handle(JobResumed((), 100.0))
+    assert [type(command) for command in commands] == [CancelNode, CancelNode, JobDone]
+    assert scheduler.job_state is JobState.CRASHED
+    assert scheduler.handle(JobResumed(SITES, 101.0)) == [
+        JobDone(JobState.CRASHED, scheduler.job_reason)
+    ]
+    with pytest.raises(JobError, match="whose job never started"):
+        Scheduler([NodeSpec("a")]).handle(JobResumed(SITES, 0.0))
