@@ -141,7 +141,7 @@ def with_header(sealed: SealedMessage, **changes: Any) -> SealedMessage:
     return dataclasses.replace(sealed, header=msgpack.packb(raw, use_bin_type=True))
 
 
-def resign(sealed: SealedMessage, key: SigningKey, chunks: tuple[Any, ...]) -> SealedMessage:
+def resign(sealed: SealedMessage, key: SigningKey, chunks: list[Any]) -> SealedMessage:
     """What a sender that mangles its own chunks would send: a valid signature over them."""
     digest = hashes.Hash(hashes.SHA256())
     for chunk in chunks:
@@ -217,7 +217,7 @@ def test_tampered_chunk_fails_the_signature(project: dict[str, Any]) -> None:
     chunks = [c.copy() for c in sealed.chunks]
     chunks[3][5] ^= 1
     with pytest.raises(SealError, match="signature of 'site-1' does not verify"):
-        open_as(sealer_for(project, "site-2"), dataclasses.replace(sealed, chunks=tuple(chunks)))
+        open_as(sealer_for(project, "site-2"), dataclasses.replace(sealed, chunks=chunks))
 
 
 def test_tampered_signature_and_header_are_refused(project: dict[str, Any]) -> None:
@@ -248,15 +248,15 @@ def test_reordered_or_truncated_chunks_are_detected(project: dict[str, Any]) -> 
     swapped[1], swapped[2] = swapped[2], swapped[1]
     # Execute / Assert
     with pytest.raises(SealError, match=r"chunk 1 of message .* does not authenticate"):
-        open_as(receiver, resign(sealed, sender_key, tuple(swapped)))
+        open_as(receiver, resign(sealed, sender_key, swapped))
     with pytest.raises(SealError, match="chunks; its header announces"):
-        open_as(receiver, resign(sealed, sender_key, sealed.chunks[:-1]))
+        open_as(receiver, resign(sealed, sender_key, list(sealed.chunks[:-1])))
     # A header re-signed to announce one chunk fewer: chunks are bound to their header (AAD).
     blob = seal(sealer_for(project, "site-1", chunk_size=512), project["site-2"][0], b"x" * 4000)
     header = SealHeader.from_bytes(blob.header)
     assert len(header.segments) == 1 and len(blob.chunks) == 8  # the bytes live in the tree
     shorter = dataclasses.replace(header, segments=(7 * 512,)).to_bytes()
-    truncated = resign(dataclasses.replace(blob, header=shorter), sender_key, blob.chunks[:-1])
+    truncated = resign(dataclasses.replace(blob, header=shorter), sender_key, list(blob.chunks[:-1]))
     with pytest.raises(SealError, match=r"chunk 0 of message .* does not authenticate"):
         open_as(receiver, truncated)
 
@@ -342,10 +342,10 @@ def test_sealer_refuses_a_key_of_another_certificate(project: dict[str, Any]) ->
 def test_chunks_of_the_wrong_type_or_size_are_refused(project: dict[str, Any]) -> None:
     sealed = seal(sealer_for(project, "site-1", chunk_size=256), project["site-2"][0], model())
     receiver = sealer_for(project, "site-2")
-    as_int8 = (sealed.chunks[0].view(np.int8), *sealed.chunks[1:])
+    as_int8 = [sealed.chunks[0].view(np.int8), *sealed.chunks[1:]]
     with pytest.raises(SealError, match="chunk 0 is not a 1-d uint8 array"):
         open_as(receiver, dataclasses.replace(sealed, chunks=as_int8))
-    short = (sealed.chunks[0], sealed.chunks[1][:-1], *sealed.chunks[2:])
+    short = [sealed.chunks[0], sealed.chunks[1][:-1], *sealed.chunks[2:]]
     with pytest.raises(SealError, match="chunk 1 has 271 bytes, the header says 272"):
         open_as(receiver, dataclasses.replace(sealed, chunks=short))
 
@@ -527,3 +527,13 @@ def test_sealers_built_from_provisioned_startup_kits(tmp_path: Path) -> None:
 def project_of_other_ca() -> dict[str, Any]:
     ca = make_ca("other")
     return {"ca": ca, "site-2": make_participant(ca, "site-2")}
+
+
+def test_release_drops_each_chunk_once_decrypted(project: dict[str, Any]) -> None:
+    sealed = seal(sealer_for(project, "site-1", chunk_size=1024), project["site-2"][0], model())
+    assert len(sealed.chunks) > 10
+    opened = sealer_for(project, "site-2").open(
+        sealed, sender="site-1", recipient="site-2", channel="train", release=True
+    )
+    assert_model_equal(opened.payload, model())
+    assert sealed.chunks == []
