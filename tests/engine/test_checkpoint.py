@@ -339,6 +339,24 @@ def test_resume_needs_a_store_and_refuses_a_foreign_checkpoint(tmp_path: Path) -
         asyncio.run(JobRunner(other, dispatcher, job_id="c", checkpoint=store, resume=True).run())
 
 
+def test_an_output_that_cannot_be_checkpointed_stops_the_run(tmp_path: Path) -> None:
+    @dataclass
+    class Opaque(Controller):
+        async def run(self, ctx: ControllerContext) -> Any:
+            return object()
+
+    job = Job("opaque")
+    job.add(Opaque(), name="opaque")
+    job.add(Counter(1, []), name="after", after=["opaque"])
+    store = CheckpointStore(tmp_path)
+    runner = JobRunner(
+        job, LocalDispatcher(dict.fromkeys(SITES, lambda site, task: None)), checkpoint=store
+    )
+    with pytest.raises(CheckpointError, match=r"outputs/opaque\.ckpt: .*object"):
+        asyncio.run(runner.run())
+    assert not store.output_file("opaque").exists()
+
+
 # ---------------------------------------------------------------------------------- ScatterGather
 
 
