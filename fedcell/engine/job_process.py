@@ -6,14 +6,14 @@ fedcell.engine.job_process``.
     python -m fedcell.engine.job_process --job-dir DIR --listen tcp://127.0.0.1:PORT \\
         --sites site-1,site-2 --workspace W [--job-id ID] [--resume]
 
-The process loads the exported job folder, listens on ``--listen`` with the server cell, waits
-until every named site has connected (sites are ``python -m fedcell.engine.site_process --name
-site-1 --parent URL --job-dir DIR --job-id ID``, started by whoever deploys them), runs the job
-with :func:`~fedcell.engine.simulator.serve_job` (the same code as the simulator's ``processes``
-mode), writes the results as the simulator does (``W/result.json``, ``W/metrics.csv``, each node's
-final model, listed under ``models`` in ``result.json``) and tells the sites the job ended. Exit status: 0 when the job
-finished, 1 when it failed, crashed or was aborted, 2 when it could not run (bad job folder,
-sites missing, unreadable checkpoint).
+The process loads the exported job folder, listens on ``--listen`` with the server cell, waits until
+every named site has connected (sites are ``python -m fedcell.engine.site_process --name site-1
+--parent URL --job-dir DIR --job-id ID``, started by whoever deploys them), runs the job with
+:func:`~fedcell.engine.simulator.serve_job` (the same code as the simulator's ``processes`` mode),
+writes the results as the simulator does (``W/result.json``, ``W/metrics.csv``, each node's final
+model, listed under ``models`` in ``result.json``) and tells the sites the job ended. Exit status: 0
+when the job finished, 1 when it failed, crashed or was aborted, 2 when it could not run (bad job
+folder, sites missing, unreadable checkpoint).
 
 Crash and resume. The job checkpoints into ``W/checkpoint/`` (see
 :mod:`fedcell.engine.checkpoint`): the scheduler after every DAG step, each controller after

@@ -28,10 +28,11 @@ The :class:`~fedcell.engine.scheduler.Scheduler` decides; the runner acts. Its l
 
 Checkpoints (:mod:`fedcell.engine.checkpoint`): with a ``checkpoint`` store the runner saves the
 scheduler snapshot (finished outputs included) when the job starts and after every node that
-finishes or fails, before starting the nodes that follow, and gives each node
-``ctx.checkpoint``. A fresh run clears the store first. ``resume=True`` rebuilds the scheduler from the store instead and feeds it
-``JobResumed``: finished nodes are not rerun, running ones start again with ``ctx.restored`` set
-to their last saved state, a job that was done ends at once; an empty store starts afresh.
+finishes or fails, before starting the nodes that follow, and gives each node ``ctx.checkpoint``. A
+fresh run clears the store first. ``resume=True`` rebuilds the scheduler from the store instead and
+feeds it ``JobResumed``: finished nodes are not rerun, running ones start again with
+``ctx.restored`` set to their last saved state, a job that was done ends at once; an empty store
+starts afresh.
 
 ``run()`` returns only after every node task has ended (cancelled ones included), so a finished
 runner leaves nothing running; cancelling ``run()`` itself cancels and awaits all node tasks.
