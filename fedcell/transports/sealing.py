@@ -69,6 +69,7 @@ import functools
 import hashlib
 import math
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -362,6 +363,7 @@ class Sealer:
         self._verified: dict[bytes, x509.Certificate] = {}
         self._seen: dict[str, float] = {}
         self._seen_order: collections.deque[tuple[float, str]] = collections.deque()
+        self._seen_lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -533,7 +535,7 @@ class Sealer:
             sender_certificate, sealed.signature, _signed_digest(sealed.header, body.digest())
         )
         self._check_addressing(header, sender, recipient, channel, topic, reply_to)
-        self._check_fresh(header)
+        self._admit(header)
         if header.recipient_fingerprint != self._fingerprint:
             raise SealError(
                 f"message {header.message_id} from {sender!r} was sealed to another certificate "
@@ -544,7 +546,6 @@ class Sealer:
         pending = collections.deque(chunks)
         chunks.clear()  # the deque holds the only views: each is dropped once decrypted
         payload = self._decrypt(header, cek, pending, aad, sealed.chunks if release else None)
-        self._remember(header)
         return Unsealed(payload, header, sender_certificate)
 
     def _check_chunks(self, chunks: object, header: SealHeader) -> list[memoryview]:
@@ -640,9 +641,19 @@ class Sealer:
         if not _covers(self._name, recipient):
             raise SealError(f"{self._name!r} cannot open messages for {recipient!r}")
 
-    def _check_fresh(self, header: SealHeader) -> None:
-        now = self._clock()
-        self._forget_older_than(now - self._max_age)
+    def _admit(self, header: SealHeader) -> None:
+        """Refuse a stale, future or replayed message; else remember its id (atomically: large
+        messages are opened in worker threads, and a duplicated one must not pass twice)."""
+        with self._seen_lock:
+            now = self._clock()
+            self._forget_older_than(now - self._max_age)
+            self._check_age(header, now)
+            if header.message_id in self._seen:
+                raise SealError(f"message {header.message_id} from {header.sender!r} is a replay")
+            self._seen[header.message_id] = header.created
+            self._seen_order.append((header.created, header.message_id))
+
+    def _check_age(self, header: SealHeader, now: float) -> None:
         age = now - header.created
         if age > self._max_age:
             raise SealError(
@@ -654,12 +665,6 @@ class Sealer:
                 f"message {header.message_id} from {header.sender!r} claims to be sealed "
                 f"{-age:.0f} s in the future (clock skew above {self._max_skew:.0f} s)"
             )
-        if header.message_id in self._seen:
-            raise SealError(f"message {header.message_id} from {header.sender!r} is a replay")
-
-    def _remember(self, header: SealHeader) -> None:
-        self._seen[header.message_id] = header.created
-        self._seen_order.append((header.created, header.message_id))
 
     def _forget_older_than(self, cutoff: float) -> None:
         # Messages arrive roughly in creation order; an out-of-order straggler is forgotten a

@@ -537,3 +537,23 @@ def test_release_drops_each_chunk_once_decrypted(project: dict[str, Any]) -> Non
     )
     assert_model_equal(opened.payload, model())
     assert sealed.chunks == []
+
+
+def test_a_duplicated_large_message_opened_in_two_threads_passes_once(
+    project: dict[str, Any],
+) -> None:
+    sealed = seal(sealer_for(project, "site-1"), project["site-2"][0],
+                  np.ones(4 * 1024 * 1024, np.uint8))
+    receiver = sealer_for(project, "site-2")
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            *(asyncio.to_thread(open_as, receiver, sealed) for _ in range(2)),
+            return_exceptions=True,
+        )
+
+    outcomes = asyncio.run(main())
+    assert sum(isinstance(o, np.ndarray) for o in outcomes) == 1
+    assert [str(o) for o in outcomes if isinstance(o, SealError)] == [
+        f"message {SealHeader.from_bytes(sealed.header).message_id} from 'site-1' is a replay"
+    ]
