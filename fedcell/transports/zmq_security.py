@@ -32,15 +32,17 @@ Contract
 
 The ZAP handler
 ---------------
-libzmq consults the handler bound at ``inproc://zeromq.zap.01`` of the socket's context; with no
-handler bound, a CURVE server admits every client. So the handler is started *before* the first
-secured listener binds and stays up while any secured listener exists (:func:`register_listener`
+libzmq consults the handler bound at ``inproc://zeromq.zap.01`` of the socket's context. By
+default a CURVE server with no handler bound admits every client; secured listeners set
+``ZAP_ENFORCE_DOMAIN`` so that they refuse instead (fail closed). The handler is started *before*
+the first secured listener binds and stays up while any secured listener exists (:func:`register_listener`
 returns a release function that the listener calls on close; the last release stops it). One
 handler serves the whole process (one per ZeroMQ context is all libzmq allows); each listener has
 its own ZAP domain, so two listeners in one process (two projects, in tests) keep separate
 authorizers. It runs on a thread of its own, not on an event loop, because listeners of one
 process may live on different loops and a handshake must be answered whatever each loop is doing.
 A request for an unknown domain, a mechanism other than CURVE, or a malformed request is refused.
+A forked child starts its own handler (the parent's thread does not exist there).
 An authorizer that raises refuses (and is logged): a bug there must not admit anyone.
 """
 
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,6 +180,7 @@ def register_listener(sock: zmq.asyncio.Socket, security: CurveSecurity) -> Call
         raise ConfigError("cannot listen securely: CurveSecurity has no authorizer")
     domain = _zap.add(security.authorizer)
     try:
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         sock.zap_domain = domain.encode()
         sock.curve_server = True
         sock.curve_secretkey = security.secret_key
@@ -204,9 +208,14 @@ class _ZapHandler:
         self._next_domain = 0
         self._thread: threading.Thread | None = None
         self._stop: zmq.Socket[bytes] | None = None
+        self._pid = os.getpid()
 
     def add(self, authorizer: KeyAuthorizer) -> str:
         with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's thread and sockets are not ours
+                self._authorizers.clear()
+                self._thread = self._stop = None
+                self._pid = os.getpid()
             if self._thread is None:
                 self._start()
             self._next_domain += 1

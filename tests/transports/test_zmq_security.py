@@ -11,7 +11,7 @@ import zmq.asyncio
 
 from fedcell.errors import ConfigError
 from fedcell.transports.base import TransportOptions
-from fedcell.transports.zmq_security import CurveSecurity, curve_keypair
+from fedcell.transports.zmq_security import CurveSecurity, curve_keypair, register_listener
 from fedcell.transports.zmq_transport import TAG_DATA, ZmqListener, ZmqTransport
 
 
@@ -187,3 +187,20 @@ def test_incomplete_security_is_refused_before_any_socket_stays_open() -> None:
         assert not zap_threads()
 
     asyncio.run(main())
+
+
+def test_a_secured_listener_socket_fails_closed_without_a_zap_handler() -> None:
+    # Prepare
+    public, secret = keys()
+    sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+    try:
+        # Execute
+        release = register_listener(sock, CurveSecurity(public, secret, authorizer={}.get))
+        release()
+
+        # Assert: no handler would mean "refuse", never "admit everyone"
+        assert sock.getsockopt(zmq.ZAP_ENFORCE_DOMAIN) == 1
+        assert sock.curve_server and sock.zap_domain.startswith(b"fedcell-")
+        assert not zap_threads()
+    finally:
+        sock.close(linger=0)
