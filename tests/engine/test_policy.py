@@ -259,3 +259,40 @@ def test_authorizer_named_in_the_file_is_an_entry_point(
         SitePolicy.load(write(tmp_path / "q.yaml", {"authorizer": "ldap"}))
     with pytest.raises(ConfigError, match=r"authorizer 'broken' .* does not load"):
         SitePolicy.load(write(tmp_path / "r.yaml", {"authorizer": "broken"}))
+
+
+def test_a_signed_submit_command_from_a_provisioned_admin_is_checked_by_the_site_policy(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a provisioned project; alice (project_admin) and bob (member) sign submissions.
+    from fedcell.deploy import ReplayGuard, StartupKit, sign_command, verify_command
+    from fedcell.deploy.project import parse_project
+    from fedcell.deploy.provision import provision
+
+    tree = {
+        "project": "demo",
+        "server": {"host": "127.0.0.1", "port": 8002, "listen_host": "127.0.0.1"},
+        "sites": ["site-1"],
+        "admins": [{"name": "alice", "role": "project_admin"}, {"name": "bob"}],
+    }
+    kits = provision(parse_project(tree), tmp_path / "workspace").kits
+    site = StartupKit.load(kits / "site-1")
+    site_policy = SitePolicy.load(write(tmp_path / "policy.yaml", {
+        "site": "site-1",
+        "submit": {"roles": ["project_admin", "lead"]},
+        "custom_code": {"allow": ["source"]},
+    }))
+    guard = ReplayGuard()
+
+    def submit(admin: str, meta: dict[str, Any]) -> None:
+        command = sign_command(StartupKit.load(kits / admin), {"action": "submit", "job": meta})
+        verified = verify_command(site.ca_certificate, command, replay_guard=guard)
+        submitter = Submitter(verified.admin, frozenset({verified.role}), authenticated=True)
+        site_policy.check_submission(submitter, JobMeta.from_mapping(verified.payload["job"]))
+
+    # Execute / Assert
+    submit("alice", {"name": "fedavg", "custom_code": ["source"]})
+    with pytest.raises(PolicyError, match=r"rule custom_code\.allow .*brings cloudpickle code"):
+        submit("alice", {"name": "pickled", "custom_code": ["cloudpickle"]})
+    with pytest.raises(PolicyError, match=r"rule submit .*'bob' \(roles: member\) may not submit"):
+        submit("bob", {"name": "fedavg"})
