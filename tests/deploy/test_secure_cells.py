@@ -17,6 +17,7 @@ import pytest
 from deploy_helpers import free_port, project_tree, provision_tree, tampered
 
 from fedcell.deploy.kit import StartupKit
+from fedcell.deploy.participant import main as participant_main
 from fedcell.errors import CellError, ConfigError, ConnectError
 from fedcell.transports.cell import Cell, CellConfig
 from fedcell.transports.message import Message
@@ -229,3 +230,17 @@ def test_start_scripts_run_a_server_and_a_site_process(workspace: Path) -> None:
             if process is not None and process.poll() is None:
                 process.kill()
                 process.communicate()
+
+
+def test_the_participant_process_exits_2_on_an_admin_kit_or_a_silent_server(
+    workspace: Path,
+) -> None:
+    # Prepare: nothing listens on the project's port
+    kits = workspace / "kits"
+
+    # Execute
+    admin_status = participant_main([str(kits / "alice")])
+    site_status = participant_main([str(kits / "site-1"), "--connect-timeout", "0.3"])
+
+    # Assert
+    assert admin_status == 2 and site_status == 2
