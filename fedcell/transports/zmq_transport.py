@@ -654,6 +654,7 @@ class ZmqListener(Listener):
 
     async def _demux_loop(self) -> None:
         threshold = self._options.copy_threshold
+        secured = self._release_security is not None  # only then do messages carry a User-Id
         while True:
             try:
                 message = await self._router.recv_multipart(copy=False)
@@ -663,7 +664,7 @@ class ZmqListener(Listener):
                 return
             identity = message[0].bytes
             tag = message[1].bytes if len(message) > 1 else b""
-            user = authenticated_user(message[1]) if len(message) > 1 else None
+            user = authenticated_user(message[1]) if secured and len(message) > 1 else None
             if tag not in (TAG_DATA, TAG_HELLO) or (tag == TAG_HELLO and len(message) != 2):
                 self._drop(identity, f"not a fedcell-zmq/1 message (tag {tag[:8]!r})")
                 continue
