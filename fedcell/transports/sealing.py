@@ -71,7 +71,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -90,7 +90,7 @@ from cryptography.x509.oid import NameOID
 from fedcell.errors import ConfigError, ProtocolError, SealError
 from fedcell.transports import codec
 from fedcell.transports.base import Buffer
-from fedcell.transports.cell import Cell
+from fedcell.transports.cell import Cell, Handler
 from fedcell.transports.message import Message
 
 __all__ = [
@@ -118,7 +118,6 @@ ECDH_ES_A256KW: Final = "ECDH-ES+A256KW"
 RSA_OAEP_256: Final = "RSA-OAEP-256"
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-SealedHandler = Callable[[Message], Awaitable[Any]]
 
 
 @codec.wire_type("fedcell.SealedMessage")
@@ -880,7 +879,7 @@ async def seal_and_request(
     return opened.payload
 
 
-def unsealing(sealer: Sealer, handler: SealedHandler) -> SealedHandler:
+def unsealing(sealer: Sealer, handler: Handler) -> Handler:
     """Wrap a cell handler so it receives opened payloads and its replies go back sealed.
 
     The wrapped handler gets the message with its payload opened; ``message.sender`` is then
