@@ -203,6 +203,10 @@ class _ZapHandler:
     """The process-wide ZAP server: one thread, one domain per secured listener."""
 
     def __init__(self) -> None:
+        # _lifecycle serializes starting and stopping the thread (a stop joins it, so a start
+        # never binds the endpoint while the old handler still holds it); _lock guards the domain
+        # table, which the handler thread reads, so a join never waits on a lock it holds.
+        self._lifecycle = threading.Lock()
         self._lock = threading.Lock()
         self._authorizers: dict[str, KeyAuthorizer] = {}
         self._next_domain = 0
@@ -211,29 +215,31 @@ class _ZapHandler:
         self._pid = os.getpid()
 
     def add(self, authorizer: KeyAuthorizer) -> str:
-        with self._lock:
+        with self._lifecycle:
             if self._pid != os.getpid():  # forked: the parent's thread and sockets are not ours
                 self._authorizers.clear()
                 self._thread = self._stop = None
                 self._pid = os.getpid()
             if self._thread is None:
                 self._start()
-            self._next_domain += 1
-            domain = f"fedcell-{self._next_domain}"
-            self._authorizers[domain] = authorizer
+            with self._lock:
+                self._next_domain += 1
+                domain = f"fedcell-{self._next_domain}"
+                self._authorizers[domain] = authorizer
             return domain
 
     def remove(self, domain: str) -> None:
-        with self._lock:
-            self._authorizers.pop(domain, None)
-            if self._authorizers or self._thread is None:
-                return
+        with self._lifecycle:
+            with self._lock:
+                self._authorizers.pop(domain, None)
+                if self._authorizers or self._thread is None:
+                    return
             thread, stop = self._thread, self._stop
             self._thread = self._stop = None
-        assert stop is not None
-        stop.send(b"")
-        thread.join()
-        stop.close(linger=0)
+            assert stop is not None
+            stop.send(b"")
+            thread.join()
+            stop.close(linger=0)
 
     def _context(self) -> zmq.Context[zmq.Socket[bytes]]:
         # The transport's sockets live in the asyncio context; the handler must bind in the same
