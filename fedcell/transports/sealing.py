@@ -59,6 +59,14 @@ Limits: a sealed payload is held in memory (files larger than RAM travel unseale
 :meth:`~fedcell.transports.cell.Cell.send_file`, protected hop by hop by the mutually
 authenticated connections); a broadcast is sealed once per recipient (the body is encrypted per
 recipient because each has its own content key).
+
+Measured (2 shared cores under load, EC P-256): sealing a tiny payload costs about 0.3 ms and
+opening it about 0.4 ms (an ephemeral key, two ECDH, one ECDSA signature, one verification), so a
+sealed request/reply relayed by a server over inproc takes about 1.3 ms against 0.12 ms plain;
+a 256 MiB payload seals at about 550 MiB/s and opens at about 790 MiB/s (AES-GCM plus the
+SHA-256 the signature covers); a relayed request/reply of 64 MiB each way takes about 0.33 s
+sealed against 0.04 s plain (inproc, zero-copy). Opening with ``release=True`` leaves the
+receiver holding the payload only (RSS +0 MiB across opening 256 MiB; +256 MiB without).
 """
 
 from __future__ import annotations
