@@ -55,6 +55,14 @@ safe codec (a registered ``@wire_type`` dataclass of bytes and ``uint8`` arrays;
 pickled). Sealing and opening above ``OFFLOAD_BYTES`` run in a worker thread, so a cell keeps
 answering heartbeats while it encrypts a large model.
 
+A sender needs the recipient's certificate. Certificates are public, so any cell that holds them
+(the server: its trust folder names every participant) can answer for them:
+:func:`serve_certificates` registers that directory on channel :data:`CERTIFICATES_CHANNEL`, and a
+:class:`CertificateBook` asks it once per recipient, checks the answer like any certificate it
+seals to (project CA, validity, name covers the recipient) and caches it. The directory is
+trusted for availability only: it cannot hand out a certificate the CA did not issue to the
+recipient.
+
 Limits: a sealed payload is held in memory (files larger than RAM travel unsealed over
 :meth:`~fedcell.transports.cell.Cell.send_file`, protected hop by hop by the mutually
 authenticated connections); a broadcast is sealed once per recipient (the body is encrypted per
@@ -95,14 +103,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 from cryptography.x509.oid import NameOID
 
-from fedcell.errors import ConfigError, ProtocolError, SealError
+from fedcell.errors import ConfigError, ProtocolError, RemoteError, SealError
 from fedcell.transports import codec
 from fedcell.transports.base import Buffer
 from fedcell.transports.cell import Cell, Handler
 from fedcell.transports.message import Message
 
 __all__ = [
+    "CERTIFICATES_CHANNEL",
     "OFFLOAD_BYTES",
+    "CertificateBook",
     "SealHeader",
     "SealedMessage",
     "Sealer",
@@ -111,6 +121,7 @@ __all__ = [
     "certificate_name",
     "seal_and_request",
     "seal_and_send",
+    "serve_certificates",
     "unsealing",
 ]
 
@@ -121,6 +132,8 @@ MAX_HEADER_BYTES: Final = 1024 * 1024
 MAX_CHUNK_SIZE: Final = 1024 * 1024 * 1024
 #: Payloads (or sealed bodies) above this many bytes are sealed/opened in a worker thread.
 OFFLOAD_BYTES: Final = 1024 * 1024
+#: Where :func:`serve_certificates` answers and :class:`CertificateBook` asks.
+CERTIFICATES_CHANNEL: Final = "fedcell.certificates"
 
 ECDH_ES_A256KW: Final = "ECDH-ES+A256KW"
 RSA_OAEP_256: Final = "RSA-OAEP-256"
@@ -916,3 +929,96 @@ def unsealing(sealer: Sealer, handler: Handler) -> Handler:
         )
 
     return open_then_handle
+
+
+def serve_certificates(cell: Cell, lookup: Callable[[str], x509.Certificate | None]) -> None:
+    """Answer certificate requests on :data:`CERTIFICATES_CHANNEL` (run it at the server).
+
+    ``lookup(cell_name)`` returns the certificate that covers the named cell (for a kit-based
+    deployment: the participant certificate of its site, from the trust folder), or ``None``.
+    Requesters verify every answer against the project CA, so the directory needs no key.
+
+    Raises
+    ------
+    ConfigError
+        If ``cell`` already answers on :data:`CERTIFICATES_CHANNEL`.
+    """
+
+    async def answer(message: Message) -> bytes:
+        name = message.payload
+        if not isinstance(name, str):
+            raise SealError(f"a certificate request names a cell, not a {type(name).__name__}")
+        certificate = lookup(name)
+        if certificate is None:
+            raise SealError(f"{cell.name!r} knows no certificate for {name!r}")
+        return certificate.public_bytes(serialization.Encoding.DER)
+
+    cell.register(CERTIFICATES_CHANNEL, answer)
+
+
+class CertificateBook:
+    """The certificates a cell seals to, fetched from a directory cell and verified once each.
+
+    Parameters
+    ----------
+    cell:
+        The cell that asks.
+    sealer:
+        Checks each certificate (project CA, validity, name) before it is cached.
+    directory:
+        The cell running :func:`serve_certificates`.
+    timeout:
+        Seconds to wait for the directory's answer.
+    """
+
+    def __init__(
+        self, cell: Cell, sealer: Sealer, *, directory: str = "server", timeout: float = 5.0
+    ) -> None:
+        self._cell = cell
+        self._sealer = sealer
+        self._directory = directory
+        self._timeout = timeout
+        self._known: dict[str, x509.Certificate] = {}
+
+    async def certificate_for(self, cell_name: str) -> x509.Certificate:
+        """The certificate to seal messages for ``cell_name`` to (validity rechecked each call).
+
+        Raises
+        ------
+        SealError
+            If the directory has no certificate for ``cell_name`` or answers with one the
+            project CA did not issue to it, or the cached one has expired.
+        UnreachableError, RequestTimeoutError
+            If the directory cannot be asked.
+        """
+        certificate = self._known.get(cell_name)
+        if certificate is None:
+            certificate = await self._fetch(cell_name)
+        self._sealer._check_certificate(certificate, cell_name, "recipient")
+        self._known[cell_name] = certificate
+        return certificate
+
+    def forget(self, cell_name: str) -> None:
+        """Drop the cached certificate of ``cell_name`` (it was re-issued: fetch it again)."""
+        self._known.pop(cell_name, None)
+
+    async def _fetch(self, cell_name: str) -> x509.Certificate:
+        try:
+            der = await self._cell.request(
+                self._directory, CERTIFICATES_CHANNEL, cell_name, timeout=self._timeout
+            )
+        except RemoteError as exc:
+            raise SealError(
+                f"directory {self._directory!r} gave no certificate for {cell_name!r}: {exc}"
+            ) from exc
+        if not isinstance(der, bytes):
+            raise SealError(
+                f"directory {self._directory!r} answered {type(der).__name__} for {cell_name!r}"
+            )
+        try:
+            return x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise SealError(
+                f"directory {self._directory!r} sent an unparsable certificate for "
+                f"{cell_name!r}: {exc}"
+            ) from exc

@@ -27,12 +27,14 @@ from fedcell.transports.base import Buffer
 from fedcell.transports.cell import Cell, CellConfig
 from fedcell.transports.message import Envelope, Message
 from fedcell.transports.sealing import (
+    CertificateBook,
     SealedMessage,
     Sealer,
     SealHeader,
     SigningKey,
     seal_and_request,
     seal_and_send,
+    serve_certificates,
     unsealing,
 )
 from fedcell.transports.stream import StreamConfig
@@ -557,3 +559,47 @@ def test_a_duplicated_large_message_opened_in_two_threads_passes_once(
     assert [str(o) for o in outcomes if isinstance(o, SealError)] == [
         f"message {SealHeader.from_bytes(sealed.header).message_id} from 'site-1' is a replay"
     ]
+
+
+def test_certificate_book_fetches_verifies_and_caches_from_the_directory(
+    project: dict[str, Any],
+) -> None:
+    async def main() -> None:
+        async with star_with_spy("site-1", "site-2") as (cells, _):
+            # Prepare: the server's directory; it lies about "site-4" and knows no "site-5".
+            asked: list[str] = []
+            foreign_cert, _ = make_participant(make_ca("other"), "site-6")
+            directory = {"site-2": project["site-2"][0], "site-4": project["site-3"][0],
+                         "site-6": foreign_cert}
+
+            def lookup(name: str) -> x509.Certificate | None:
+                asked.append(name)
+                return directory.get(name.split(".")[0])
+
+            serve_certificates(cells["server"], lookup)
+            site_1 = sealer_for(project, "site-1")
+            book = CertificateBook(cells["site-1"], site_1)
+
+            async def echo(message: Message) -> Any:
+                return message.payload
+
+            cells["site-2"].register("echo", unsealing(sealer_for(project, "site-2"), echo))
+            # Execute
+            first = await book.certificate_for("site-2")
+            again = await book.certificate_for("site-2")
+            reply = await seal_and_request(cells["site-1"], site_1, "site-2", "echo", "hi", first)
+            # Assert
+            assert first == again == project["site-2"][0]
+            assert asked == ["site-2"]
+            assert reply == "hi"
+            with pytest.raises(SealError, match="issued to 'site-3', not to 'site-4'"):
+                await book.certificate_for("site-4")
+            with pytest.raises(SealError, match=r"gave no certificate for 'site-5': .*knows no"):
+                await book.certificate_for("site-5")
+            with pytest.raises(SealError, match="not issued by the project CA"):
+                await book.certificate_for("site-6")
+            book.forget("site-2")
+            assert await book.certificate_for("site-2.job-1") == project["site-2"][0]
+            assert asked[-1] == "site-2.job-1"
+
+    asyncio.run(main())
