@@ -4,7 +4,8 @@ Each is a dataclass whose fields are its configuration (plain values, exportable
 :class:`FedAvg` (scatter-gather with in-time weighted averaging), the server optimizers
 :class:`FedAvgM`, :class:`FedAdam`, :class:`FedYogi`, :class:`PickBest` (model selection in
 a DAG), :class:`Cyclic` (one model relayed through the sites) and :class:`CrossSiteEval` (a
-model × site metrics matrix). The client-side FedProx term is
+model × site metrics matrix) and :class:`SplitLearning` (a network split between a data site
+and a label site). The client-side FedProx term is
 :class:`fedcell.executors.fedprox.FedProxLoss`.
 """
 
@@ -16,6 +17,7 @@ from fedcell.controllers.cyclic import Cyclic
 from fedcell.controllers.fedopt import FedAdam, FedAvgM, FedOpt, FedYogi
 from fedcell.controllers.pick_best import PickBest
 from fedcell.controllers.scatter_gather import FedAvg, ScatterGather
+from fedcell.controllers.split_learning import SplitLearning
 
 __all__ = [
     "CrossSiteEval",
@@ -27,5 +29,6 @@ __all__ = [
     "FedYogi",
     "PickBest",
     "ScatterGather",
+    "SplitLearning",
     "WeightedMean",
 ]

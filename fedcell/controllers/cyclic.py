@@ -38,6 +38,7 @@ The first model comes from exactly one of ``initial_params``, ``model``
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -47,8 +48,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fedcell.controllers.aggregation import as_params, is_tensor
-from fedcell.controllers.scatter_gather import _load_model
+from fedcell.controllers.aggregation import is_tensor
+from fedcell.controllers.initial_model import initial_params
 from fedcell.engine.dispatcher import Controller, ControllerContext, Task, TaskResult
 from fedcell.errors import ConfigError, ProtocolError, TooFewResultsError
 from fedcell.fl_model import FLModel, ParamsType
@@ -171,7 +172,8 @@ class Cyclic(Controller):
         unknown = [site for site in targets if site not in ctx.dispatcher.sites]
         if unknown:
             raise ConfigError(f"Cyclic node {ctx.node!r}: {unknown} are not sites of the job")
-        relayed = _Relayed(self._initial_params(ctx))
+        # A factory or checkpoint can take seconds: keep the loop (and heartbeats) running.
+        relayed = _Relayed(await asyncio.to_thread(self._initial_params, ctx))
         shuffler = random.Random(self.seed)
         history: list[dict[str, Any]] = []
         orders: list[list[str]] = []
@@ -273,30 +275,7 @@ class Cyclic(Controller):
 
     def _initial_params(self, ctx: ControllerContext) -> dict[str, Any]:
         owner = f"Cyclic node {ctx.node!r}"
-        upstream = [
-            output
-            for output in ctx.inputs.values()
-            if isinstance(output, FLModel) and isinstance(output.params, Mapping)
-        ]
-        given = [
-            what
-            for what, present in (
-                ("initial_params", self.initial_params is not None),
-                ("model", self.model is not None),
-                (f"{len(upstream)} upstream FLModel(s)", bool(upstream)),
-            )
-            if present
-        ]
-        if len(given) != 1 or len(upstream) > 1:
-            raise ConfigError(
-                f"{owner}: needs exactly one initial model (initial_params, model, or one "
-                f"upstream FLModel); got {', '.join(given) or 'none'}"
-            )
-        if self.initial_params is not None:
-            return as_params(self.initial_params)
-        if self.model is not None:
-            return as_params(_load_model(owner, self.model))
-        return as_params(upstream[0].params)
+        return initial_params(owner, self.initial_params, self.model, ctx.inputs)
 
 
 @dataclass

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import importlib
 import math
 import operator
 import time
@@ -48,7 +47,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedcell.controllers.aggregation import WeightedMean, as_params, cast_like
+from fedcell.controllers.aggregation import WeightedMean, cast_like
+from fedcell.controllers.initial_model import initial_params
 from fedcell.engine.dispatcher import Controller, ControllerContext, Task, TaskResult
 from fedcell.errors import CheckpointError, ConfigError, TooFewResultsError
 from fedcell.fl_model import FLModel, ParamsType
@@ -357,32 +357,7 @@ class ScatterGather(Controller):
 
     def _initial_params(self, ctx: ControllerContext) -> dict[str, Any]:
         owner = f"{type(self).__name__} node {ctx.node!r}"
-        upstream = {
-            name: output
-            for name, output in ctx.inputs.items()
-            if isinstance(output, FLModel) and isinstance(output.params, Mapping)
-        }
-        sources = [
-            what
-            for what, given in (
-                ("initial_params", self.initial_params is not None),
-                ("model", self.model is not None),
-                (f"upstream node(s) {sorted(upstream)}", bool(upstream)),
-            )
-            if given
-        ]
-        if len(sources) != 1 or len(upstream) > 1:
-            raise ConfigError(
-                f"{owner}: needs exactly one initial model (initial_params, model, or one "
-                f"upstream FLModel); got {', '.join(sources) or 'none'}"
-            )
-        if self.initial_params is not None:
-            params: Mapping[str, Any] = self.initial_params
-        elif self.model is not None:
-            params = _load_model(owner, self.model)
-        else:
-            (params,) = (output.params for output in upstream.values())
-        return as_params(params)
+        return initial_params(owner, self.initial_params, self.model, ctx.inputs)
 
 
 @dataclass
@@ -415,24 +390,6 @@ def _restored_progress(ctx: ControllerContext) -> _Progress:
             f"node {ctx.node!r}: its checkpoint is not a scatter-gather state: {exc!r}"
         ) from exc
     return progress
-
-
-def _load_model(owner: str, path: str) -> Mapping[str, Any]:
-    module_name, _, attribute = path.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{owner}: cannot import model {path!r}: {exc}") from exc
-    if not callable(factory):
-        raise ConfigError(f"{owner}: model {path!r} is {type(factory).__name__}, not callable")
-    built = factory()
-    if hasattr(built, "state_dict"):
-        return {name: value.detach() for name, value in built.state_dict().items()}
-    if not isinstance(built, Mapping):
-        raise ConfigError(
-            f"{owner}: model {path!r} returned {type(built).__name__}, not a dict or module"
-        )
-    return built
 
 
 def _round_record(
