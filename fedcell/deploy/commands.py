@@ -11,6 +11,8 @@ was not altered, and that it is fresh:
 - ``certificate`` is the admin's certificate (PEM). The verifier checks it chains to the project
   CA (:func:`~fedcell.deploy.certificates.verify_participant`), that its role is an admin role,
   that it names the ``admin`` of the body, and that the signature verifies with its key.
+- Revocation: given the server's :class:`~fedcell.deploy.kit.TrustedParticipants`, the admin
+  must still be in the trust folder (an admin removed from ``project.yml`` is refused at once).
 - Freshness: ``issued_at`` (seconds since the epoch) must be within ``max_age`` seconds in the past
   (and at most ``max_skew`` in the future); a :class:`ReplayGuard` remembers every nonce it
   accepted for as long as its command would be fresh, so a captured command cannot be sent again.
@@ -39,7 +41,7 @@ from fedcell.deploy.certificates import (
     load_certificate,
     verify_participant,
 )
-from fedcell.deploy.kit import StartupKit
+from fedcell.deploy.kit import StartupKit, TrustedParticipants
 from fedcell.errors import AuthenticationError, ConfigError, EncodeError
 from fedcell.transports.codec import wire_type
 
@@ -146,6 +148,7 @@ def verify_command(
     command: SignedCommand,
     *,
     replay_guard: ReplayGuard | None = None,
+    trusted: TrustedParticipants | None = None,
     max_age: float = DEFAULT_MAX_AGE_S,
     max_skew: float = DEFAULT_MAX_SKEW_S,
     now: float | None = None,
@@ -160,6 +163,9 @@ def verify_command(
         The command as received.
     replay_guard:
         Refuses a nonce seen before (keep one per verifier; ``None``: no replay check).
+    trusted:
+        The server's trust folder: the admin must still be in it (removed from ``project.yml``
+        and re-provisioned means refused). ``None``: the CA signature suffices.
     max_age, max_skew:
         Seconds a command stays valid after ``issued_at``, and how far in the future
         ``issued_at`` may be (clock skew).
@@ -171,13 +177,15 @@ def verify_command(
     AuthenticationError
         If the certificate is not an admin's of this project (another CA, tampered, expired),
         the signature does not verify (altered body), the body is malformed, the command is
-        expired or from the future, or its nonce was used before.
+        expired or from the future, its nonce was used before, or the admin is no longer trusted.
     """
     now = time.time() if now is None else now
     admin = verify_participant(load_certificate(command.certificate, "admin certificate"),
                                ca_certificate)  # fmt: skip
     if admin.role not in ADMIN_ROLES:
         raise AuthenticationError(f"{admin.name!r} is a {admin.role}, not an admin")
+    if trusted is not None and trusted(admin.curve_key) != admin.name:
+        raise AuthenticationError(f"admin {admin.name!r} is no longer trusted (removed)")
     public_key = admin.certificate.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise AuthenticationError(f"the certificate of {admin.name!r} has no EC key")

@@ -27,10 +27,10 @@ certificate in ``trusted/`` names, and maps the key to that name; the hello's cl
 must be that name or one of its sub-cells (``site-1.job-7`` for ``site-1``), so site-1's key can
 never speak as site-2.
 
-Adding a site rewrites the server kit's ``trusted/`` folder only. A running server picks up new
-certificates without a restart: :class:`TrustedParticipants` re-reads the folder when it meets an
-unknown key and the folder changed since the last read. Each certificate is verified when read
-and its validity period is checked again on every lookup.
+Adding or removing a site rewrites the server kit's ``trusted/`` folder only. A running server
+follows it without a restart: each lookup (one per connection handshake) lists the folder and
+re-reads it if a file was added, removed or changed since the last read. Each certificate is
+verified when read and its validity period is checked again on every lookup.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def bind_cell_name(hello: Hello) -> str:
 class TrustedParticipants:
     """The server's ZAP authorizer: curve key → participant name, from CA-signed certificates.
 
-    Reads ``folder/*.pem``; a certificate that fails :func:`verify_participant` is skipped and
+    Reads ``folder/*.pem``, again whenever the folder's listing (names, sizes, mtimes) changed; a certificate that fails :func:`verify_participant` is skipped and
     logged (never admitted). Two certificates with the same curve key and different names admit
     neither. Called from the ZAP handler's thread, so lookups read a table that a reload replaces
     whole.
@@ -145,7 +145,7 @@ class TrustedParticipants:
             return ()
 
     def reload(self) -> None:
-        """Re-read the folder (done by itself when an unknown key shows up)."""
+        """Re-read the folder (done by itself when a lookup finds the folder changed)."""
         snapshot = self._listing()
         by_key: dict[bytes, Participant] = {}
         clashes: set[bytes] = set()
@@ -177,10 +177,9 @@ class TrustedParticipants:
 
     def __call__(self, curve_key: bytes) -> str | None:
         """The name of the participant whose certificate carries ``curve_key``, or ``None``."""
-        participant = self._by_key.get(curve_key)
-        if participant is None and self._listing() != self._snapshot:
+        if self._listing() != self._snapshot:
             self.reload()
-            participant = self._by_key.get(curve_key)
+        participant = self._by_key.get(curve_key)
         if participant is None:
             return None
         cert = participant.certificate

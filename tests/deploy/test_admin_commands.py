@@ -16,7 +16,7 @@ from fedcell.deploy.commands import (
     sign_command,
     verify_command,
 )
-from fedcell.deploy.kit import StartupKit
+from fedcell.deploy.kit import StartupKit, TrustedParticipants
 from fedcell.errors import AuthenticationError, ConfigError, EncodeError
 from fedcell.transports import codec
 
@@ -127,3 +127,21 @@ def test_a_command_signed_by_a_site_key_is_refused(kits: Path) -> None:
     # Execute / Assert
     with pytest.raises(AuthenticationError, match="'site-1' is a site, not an admin"):
         verify_command(site.ca_certificate, SignedCommand(body, signature, cert))
+
+
+def test_an_admin_removed_from_the_project_is_refused_by_the_server(kits: Path) -> None:
+    # Prepare
+    server = StartupKit.load(kits / "server")
+    trusted = TrustedParticipants(server.ca_certificate, kits / "server" / "trusted")
+    command = sign_command(StartupKit.load(kits / "bob"), {"action": "list"})
+    assert verify_command(server.ca_certificate, command, trusted=trusted).admin == "bob"
+
+    # Execute: bob leaves project.yml and the project is provisioned again
+    tree = project_tree()
+    tree["admins"] = [a for a in tree["admins"] if a["name"] != "bob"]
+    provision_tree(tree, kits.parent)
+
+    # Assert
+    with pytest.raises(AuthenticationError, match="'bob' is no longer trusted"):
+        verify_command(server.ca_certificate, command, trusted=trusted)
+    assert verify_command(server.ca_certificate, command).admin == "bob"  # the CA alone: no CRL

@@ -244,3 +244,28 @@ def test_the_participant_process_exits_2_on_an_admin_kit_or_a_silent_server(
 
     # Assert
     assert admin_status == 2 and site_status == 2
+
+
+def test_a_site_removed_while_the_server_runs_is_refused_from_then_on(workspace: Path) -> None:
+    async def main() -> None:
+        kits = workspace / "kits"
+        tree = project_tree(port=StartupKit.load(kits / "server").server.port)
+        async with running_server(kits / "server") as server:
+            # Prepare: site-2 is admitted, then leaves
+            site_2_kit = StartupKit.load(kits / "site-2")
+            first = site_2_kit.cell(config=CONFIG)
+            await first.start()
+            await first.stop()
+            await until(lambda: server.peers == ())
+
+            # Execute: site-2 is removed from the project and provisioned away
+            tree["sites"].remove("site-2")
+            assert provision_tree(tree, workspace).stale == ["site-2"]
+            again = site_2_kit.cell(config=CONFIG)
+
+            # Assert
+            with pytest.raises(ConnectError):
+                await again.start()
+            assert server.peers == ()
+
+    asyncio.run(main())
