@@ -107,7 +107,8 @@ def curve_public_key(secret_key: bytes) -> bytes:
 
 def _check_key(key: bytes, what: str) -> None:
     if not isinstance(key, bytes) or len(key) != 40:
-        raise ConfigError(f"{what} must be a 40-byte Z85 Curve25519 key, got {key!r:.60}")
+        size = len(key) if isinstance(key, bytes) else type(key).__name__
+        raise ConfigError(f"{what} must be a 40-byte Z85 Curve25519 key, got {size}")
 
 
 @dataclass(frozen=True, slots=True)
