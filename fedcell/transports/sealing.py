@@ -107,6 +107,7 @@ from fedcell.errors import ConfigError, ProtocolError, RemoteError, SealError
 from fedcell.transports import codec
 from fedcell.transports.base import Buffer
 from fedcell.transports.cell import Cell, Handler
+from fedcell.transports.cell_routing import validate_cell_name
 from fedcell.transports.message import Message
 
 __all__ = [
@@ -935,7 +936,8 @@ def serve_certificates(cell: Cell, lookup: Callable[[str], x509.Certificate | No
     """Answer certificate requests on :data:`CERTIFICATES_CHANNEL` (run it at the server).
 
     ``lookup(cell_name)`` returns the certificate that covers the named cell (for a kit-based
-    deployment: the participant certificate of its site, from the trust folder), or ``None``.
+    deployment: the participant certificate of its site, from the trust folder), or ``None``;
+    it only ever sees valid cell names (dot-separated labels, so no path separators).
     Requesters verify every answer against the project CA, so the directory needs no key.
 
     Raises
@@ -945,9 +947,10 @@ def serve_certificates(cell: Cell, lookup: Callable[[str], x509.Certificate | No
     """
 
     async def answer(message: Message) -> bytes:
-        name = message.payload
-        if not isinstance(name, str):
-            raise SealError(f"a certificate request names a cell, not a {type(name).__name__}")
+        try:
+            name = validate_cell_name(message.payload)  # before ``lookup`` sees it (file names)
+        except ConfigError as exc:
+            raise SealError(f"a certificate request must name a cell: {exc}") from exc
         certificate = lookup(name)
         if certificate is None:
             raise SealError(f"{cell.name!r} knows no certificate for {name!r}")

@@ -27,6 +27,7 @@ from fedcell.transports.base import Buffer
 from fedcell.transports.cell import Cell, CellConfig
 from fedcell.transports.message import Envelope, Message
 from fedcell.transports.sealing import (
+    CERTIFICATES_CHANNEL,
     CertificateBook,
     SealedMessage,
     Sealer,
@@ -598,6 +599,8 @@ def test_certificate_book_fetches_verifies_and_caches_from_the_directory(
                 await book.certificate_for("site-5")
             with pytest.raises(SealError, match="not issued by the project CA"):
                 await book.certificate_for("site-6")
+            with pytest.raises(RemoteError, match=r"must name a cell: invalid cell name '\.\./x'"):
+                await cells["site-1"].request("server", CERTIFICATES_CHANNEL, "../x")
             book.forget("site-2")
             assert await book.certificate_for("site-2.job-1") == project["site-2"][0]
             assert asked[-1] == "site-2.job-1"
