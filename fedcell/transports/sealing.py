@@ -343,8 +343,8 @@ class Sealer:
     Raises
     ------
     ConfigError
-        If the key does not match the certificate, the certificate has no common name, or a
-        tunable is out of range.
+        If the key does not match the certificate, the certificate is not issued by the CA or
+        has no common name, or a tunable is out of range.
     """
 
     def __init__(
@@ -366,6 +366,13 @@ class Sealer:
         if private_key.public_key().public_bytes(*public_der) != certificate.public_key(
         ).public_bytes(*public_der):
             raise ConfigError("the private key does not belong to the certificate")
+        try:
+            certificate.verify_directly_issued_by(ca_certificate)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise ConfigError(
+                f"certificate {certificate.subject.rfc4514_string()!r} is not issued by the CA "
+                f"{ca_certificate.subject.rfc4514_string()!r}"
+            ) from exc
         if not max_age > 0 or max_clock_skew < 0:
             raise ConfigError("max_age must be > 0 and max_clock_skew >= 0")
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:

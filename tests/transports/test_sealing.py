@@ -318,13 +318,15 @@ def test_replayed_and_expired_messages_are_refused(project: dict[str, Any]) -> N
 
 def test_certificates_are_checked_against_the_project_ca(project: dict[str, Any]) -> None:
     # Prepare: a stranger with a certificate from another CA, an expired site certificate.
-    stranger_cert, stranger_key = make_participant(make_ca("other"), "site-1")
-    stranger = Sealer(stranger_cert, stranger_key, project["ca"][0])
+    other_ca = make_ca("other")
+    stranger_cert, stranger_key = make_participant(other_ca, "site-1")
+    stranger = Sealer(stranger_cert, stranger_key, other_ca[0])
+    other_site_2 = make_participant(other_ca, "site-2")[0]
     expired_cert, expired_key = make_participant(project["ca"], "site-3", valid_days=-0.5)
     receiver = sealer_for(project, "site-2")
     # Execute / Assert
     with pytest.raises(SealError, match=r"sender certificate .* not issued by the project CA"):
-        open_as(receiver, seal(stranger, project["site-2"][0], 1))
+        open_as(receiver, seal(stranger, other_site_2, 1))
     with pytest.raises(SealError, match=r"recipient certificate .* not issued by the project CA"):
         seal(sealer_for(project, "site-1"), stranger_cert, 1)
     with pytest.raises(SealError, match="recipient certificate is issued to 'site-3', not to "
@@ -338,6 +340,8 @@ def test_certificates_are_checked_against_the_project_ca(project: dict[str, Any]
 def test_sealer_refuses_a_key_of_another_certificate(project: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="does not belong to the certificate"):
         Sealer(project["site-1"][0], project["site-2"][1], project["ca"][0])
+    with pytest.raises(ConfigError, match="'CN=site-1' is not issued by the CA 'CN=other'"):
+        Sealer(project["site-1"][0], project["site-1"][1], make_ca("other")[0])
     with pytest.raises(ConfigError, match="chunk_size"):
         sealer_for(project, "site-1", chunk_size=0)
 
