@@ -31,7 +31,8 @@ or duplicated fails authentication, and the final flag (plus the chunk count imp
 signed segment lengths) catches truncation. Each chunk travels as its own raw buffer frame
 (a ``uint8`` array), so a large sealed message rides the stream layer like any large payload:
 the relay sees ciphertext chunks, and the receiver decrypts each chunk straight into the array it
-belongs to (memory: the ciphertext plus the payload, about 2 S for an S-byte payload).
+belongs to. Opened through the cell helpers, each ciphertext chunk is dropped once decrypted, so
+receiving an S-byte payload peaks at about S plus one chunk, not 2 S.
 
 Opening checks, in this order, each failing with :class:`~fedcell.errors.SealError` naming the
 problem: the header parses and its segment lengths match the chunks received; the sender
