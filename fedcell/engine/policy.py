@@ -69,8 +69,10 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "Authorizer",
     "CustomCodeKind",
+    "Grant",
     "JobLimits",
     "JobMeta",
+    "NamedAuthorizer",
     "SitePolicy",
     "Submitter",
     "parse_duration",
@@ -185,7 +187,9 @@ Authorizer = Callable[[Submitter, JobMeta], None]
 
 
 @dataclass(frozen=True, slots=True)
-class _Grant:
+class Grant:
+    """Who a rule lets through: anyone holding one of ``roles``, or named in ``names``."""
+
     roles: frozenset[str] = frozenset()
     names: frozenset[str] = frozenset()
 
@@ -197,7 +201,9 @@ class _Grant:
 
 
 @dataclass(frozen=True, slots=True)
-class _NamedAuthorizer:
+class NamedAuthorizer:
+    """An authorizer hook and the name refusals cite (its entry point or qualified name)."""
+
     name: str
     hook: Callable[[Submitter, JobMeta], object]
 
@@ -207,19 +213,32 @@ class SitePolicy:
     """A site's rules for job submission; see the module docstring for the file format.
 
     Build with :meth:`load` (a file) or :meth:`from_mapping` (a parsed tree).
+
+    Attributes
+    ----------
+    site, source:
+        The site's name and where the rules came from (both quoted in refusals).
+    submit, organizations, require_authentication:
+        Who may submit (``organizations`` ``None``: any organization).
+    custom_code_kinds, custom_code_grant:
+        Custom code the site accepts, and who may bring it (``None``: whoever may submit).
+    max_concurrent_jobs, max_job_wall_time, max_memory_per_job:
+        Resource limits (``None``: unlimited); seconds and bytes.
+    authorizers:
+        Hooks run after the rules, in order (the file's first).
     """
 
     site: str = "this site"
     source: str = "<policy>"
-    submit: _Grant = field(default_factory=_Grant)
+    submit: Grant = field(default_factory=Grant)
     organizations: frozenset[str] | None = None
     require_authentication: bool = True
     custom_code_kinds: frozenset[str] = frozenset()
-    custom_code_grant: _Grant | None = None
+    custom_code_grant: Grant | None = None
     max_concurrent_jobs: int | None = None
     max_job_wall_time: float | None = None
     max_memory_per_job: int | None = None
-    authorizers: tuple[_NamedAuthorizer, ...] = ()
+    authorizers: tuple[NamedAuthorizer, ...] = ()
 
     # ------------------------------------------------------------------------------------------
     # loading
@@ -314,12 +333,12 @@ class SitePolicy:
         wall = resources.get("max_job_wall_time")
         memory = resources.get("max_memory_per_job")
 
-        hooks = [_NamedAuthorizer(_hook_name(hook), hook) for hook in authorizers]
+        hooks = [NamedAuthorizer(_hook_name(hook), hook) for hook in authorizers]
         entry_point = tree.get("authorizer")
         if entry_point is not None:
             if not isinstance(entry_point, str):
                 raise ConfigError(f"site policy {source}: 'authorizer' must be an entry-point name")
-            hooks.insert(0, _NamedAuthorizer(entry_point, _load_authorizer(entry_point, source)))
+            hooks.insert(0, NamedAuthorizer(entry_point, _load_authorizer(entry_point, source)))
 
         return cls(
             site=site,
@@ -434,7 +453,7 @@ class SitePolicy:
                 f"{self.max_memory_per_job}",
             )
 
-    def _run_authorizer(self, named: _NamedAuthorizer, submitter: Submitter, job: JobMeta) -> None:
+    def _run_authorizer(self, named: NamedAuthorizer, submitter: Submitter, job: JobMeta) -> None:
         try:
             verdict: object = named.hook(submitter, job)
         except PolicyError as exc:
@@ -527,8 +546,8 @@ def _strings(value: object, where: str) -> list[str]:
     return list(value)
 
 
-def _grant(section: Mapping[str, Any], where: str) -> _Grant:
-    return _Grant(
+def _grant(section: Mapping[str, Any], where: str) -> Grant:
+    return Grant(
         roles=frozenset(_strings(section.get("roles", []), f"{where}.roles")),
         names=frozenset(_strings(section.get("names", []), f"{where}.names")),
     )
