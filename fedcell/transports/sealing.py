@@ -88,7 +88,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -240,6 +240,9 @@ class SealHeader:
         chunk_size = field("cs", int, "chunk_size")
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise SealError(f"sealed header chunk size {chunk_size} is out of range")
+        created = float(field("ts", (int, float), "created"))
+        if not math.isfinite(created):
+            raise SealError("sealed header field 'created' is not a finite time")
         reply_to = raw.get("re")
         if reply_to is not None and not isinstance(reply_to, str):
             raise SealError("sealed header field 'reply_to' is mistyped")
@@ -250,7 +253,7 @@ class SealHeader:
             topic=field("tp", str, "topic"),
             message_id=field("id", str, "message_id"),
             reply_to=reply_to,
-            created=float(field("ts", (int, float), "created")),
+            created=created,
             key_wrap=field("alg", str, "key_wrap"),
             ephemeral_key=field("epk", bytes, "ephemeral_key"),
             wrapped_key=field("ek", bytes, "wrapped_key"),
@@ -259,15 +262,18 @@ class SealHeader:
             chunk_size=chunk_size,
         )
 
-    def chunk_lengths(self) -> list[int]:
+    def chunk_count(self) -> int:
+        """How many chunks the segments make (counted, not listed: the sizes are untrusted)."""
+        return sum(-(-size // self.chunk_size) for size in self.segments)
+
+    def chunk_lengths(self) -> Iterator[int]:
         """Ciphertext length of every chunk, in order (tags included)."""
-        lengths: list[int] = []
         for size in self.segments:
             full, rest = divmod(size, self.chunk_size)
-            lengths += [self.chunk_size + TAG_BYTES] * full
+            for _ in range(full):
+                yield self.chunk_size + TAG_BYTES
             if rest:
-                lengths.append(rest + TAG_BYTES)
-        return lengths
+                yield rest + TAG_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,14 +586,14 @@ class Sealer:
     def _check_chunks(self, chunks: object, header: SealHeader) -> list[memoryview]:
         if not isinstance(chunks, list):
             raise SealError("sealed message chunks are not a list")
-        expected = header.chunk_lengths()
-        if len(chunks) != len(expected):
+        expected = header.chunk_count()
+        if len(chunks) != expected:
             raise SealError(
                 f"sealed message {header.message_id} has {len(chunks)} chunks; its header "
-                f"announces {len(expected)} (truncated or padded)"
+                f"announces {expected} (truncated or padded)"
             )
         views: list[memoryview] = []
-        for index, (chunk, length) in enumerate(zip(chunks, expected, strict=True)):
+        for index, (chunk, length) in enumerate(zip(chunks, header.chunk_lengths(), strict=True)):
             if not (isinstance(chunk, np.ndarray) and chunk.dtype == np.uint8 and chunk.ndim == 1):
                 raise SealError(f"sealed chunk {index} is not a 1-d uint8 array")
             if chunk.nbytes != length:
@@ -755,7 +761,7 @@ class Sealer:
             counter += 1
             return plain
 
-        per_segment = [math.ceil(size / header.chunk_size) for size in header.segments]
+        per_segment = [-(-size // header.chunk_size) for size in header.segments]
         tree_frame = b"".join(decrypt_next() for _ in range(per_segment[0]))
         try:
             tree = codec.unpack_tree(tree_frame, self._max_tree_bytes)

@@ -178,7 +178,7 @@ def test_round_trip_ec_and_rsa_recipients_many_or_one_chunk(
     assert_model_equal(opened.payload, payload)
     assert opened.header.sender == "site-1"
     assert opened.sender_certificate == project["site-1"][0]
-    expected_chunks = len(opened.header.chunk_lengths())
+    expected_chunks = opened.header.chunk_count()
     assert len(sealed.chunks) == expected_chunks
     assert (expected_chunks > 10) == (chunk_size == 64)
     everything = sealed.header + b"".join(bytes(c) for c in sealed.chunks)
@@ -610,3 +610,14 @@ def test_certificate_book_fetches_verifies_and_caches_from_the_directory(
             assert asked[-1] == "site-2.job-1"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("created", [float("nan"), float("inf"), float("-inf")])
+def test_a_signed_non_finite_creation_time_is_refused(
+    project: dict[str, Any], created: float
+) -> None:
+    # NaN would pass every age comparison and pin the replay cache forever.
+    sealed = seal(sealer_for(project, "site-1"), project["site-2"][0], 1)
+    forged = resign(with_header(sealed, ts=created), project["site-1"][1], list(sealed.chunks))
+    with pytest.raises(SealError, match="'created' is not a finite time"):
+        open_as(sealer_for(project, "site-2"), forged)
