@@ -48,6 +48,7 @@ runtime then enforces on the admitted job (the job's ask, else the site's maximu
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -501,8 +502,8 @@ def parse_duration(value: object, where: str) -> float:
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
         raise ConfigError(f"{where} must be seconds or a duration like '30m' or '6h', not {value!r}")
-    if not seconds > 0:
-        raise ConfigError(f"{where} must be positive, not {value!r}")
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ConfigError(f"{where} must be positive and finite, not {value!r}")
     return seconds
 
 
@@ -517,7 +518,10 @@ def parse_size(value: object, where: str) -> int:
     if type(value) is int:
         size = value
     elif isinstance(value, str) and (match := _SIZE.match(value)):
-        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+        scaled = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()]
+        if not math.isfinite(scaled):
+            raise ConfigError(f"{where} is too large: {value!r}")
+        size = int(scaled)
     else:
         raise ConfigError(f"{where} must be bytes or a size like '512MiB' or '16GiB', not {value!r}")
     if size <= 0:

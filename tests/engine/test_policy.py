@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import tomli_w
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedcell.engine import policy as policy_module
 from fedcell.engine.policy import JobLimits, JobMeta, SitePolicy, Submitter
@@ -296,3 +298,33 @@ def test_a_signed_submit_command_from_a_provisioned_admin_is_checked_by_the_site
         submit("alice", {"name": "pickled", "custom_code": ["cloudpickle"]})
     with pytest.raises(PolicyError, match=r"rule submit .*'bob' \(roles: member\) may not submit"):
         submit("bob", {"name": "fedavg"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.dictionaries(
+        st.sampled_from(["name", "custom_code", "wall_time", "memory", "extra"]),
+        st.one_of(
+            st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=30),
+            st.lists(st.sampled_from(["source", "cloudpickle", "binary", ""]), max_size=3),
+            st.from_regex(r"\d{1,400}(\.\d{1,3})? ?(s|m|h|d|KiB|MiB|GiB|TiB|GB|B)?", fullmatch=True),
+        ),
+    )
+)
+def test_job_meta_from_the_network_is_a_job_meta_or_a_config_error(raw: dict[str, Any]) -> None:
+    try:
+        meta = JobMeta.from_mapping(raw)
+    except ConfigError:
+        return
+    assert meta.name == raw["name"]
+    assert meta.wall_time is None or 0 < meta.wall_time < float("inf")
+    assert meta.memory is None or meta.memory > 0
+
+
+def test_sizes_and_durations_past_float_range_are_refused() -> None:
+    with pytest.raises(ConfigError, match="memory is too large"):
+        JobMeta.from_mapping({"name": "j", "memory": "9" * 400 + "GiB"})
+    with pytest.raises(ConfigError, match="must be positive and finite"):
+        JobMeta.from_mapping({"name": "j", "wall_time": "9" * 400 + "h"})
+    with pytest.raises(ConfigError, match="must be positive and finite"):
+        SitePolicy.from_mapping({"resources": {"max_job_wall_time": float("inf")}})
