@@ -104,10 +104,12 @@ def test_sealed_request_between_site_processes_is_ciphertext_at_the_tcp_server(
         server._relay = spy  # type: ignore[method-assign]
         async with server:
             command = [sys.executable, __file__]
-            responder = await asyncio.create_subprocess_exec(
-                *command, "site-2", server.url, str(tmp_path), stdout=subprocess.PIPE
-            )
+            sites: list[asyncio.subprocess.Process] = []
             try:
+                responder = await asyncio.create_subprocess_exec(
+                    *command, "site-2", server.url, str(tmp_path), stdout=subprocess.PIPE
+                )
+                sites.append(responder)
                 assert responder.stdout is not None
                 line = await asyncio.wait_for(responder.stdout.readline(), 60)
                 assert line == b"ready\n"
@@ -115,11 +117,14 @@ def test_sealed_request_between_site_processes_is_ciphertext_at_the_tcp_server(
                 requester = await asyncio.create_subprocess_exec(
                     *command, "site-1", server.url, str(tmp_path), stdout=subprocess.PIPE
                 )
+                sites.append(requester)
                 out, _ = await asyncio.wait_for(requester.communicate(), 90)
                 assert requester.returncode == 0
             finally:
-                responder.terminate()
-                await responder.wait()
+                for site in sites:
+                    if site.returncode is None:
+                        site.terminate()
+                    await site.wait()
         # Assert
         assert json.loads(out) == {"weights_ok": True, "note": SECRET.decode() + "-trained"}
         channels = {envelope.channel for envelope, _ in relayed}
