@@ -618,17 +618,17 @@ class Sealer:
                     f"by the project CA ({str(exc) or type(exc).__name__})"
                 ) from exc
             self._verified[fingerprint] = certificate
-        now = datetime.fromtimestamp(self._clock(), timezone.utc)
-        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
-            raise SealError(
-                f"{role} certificate of {certificate_name(certificate)!r} is not valid now "
-                f"(valid {certificate.not_valid_before_utc:%Y-%m-%d} to "
-                f"{certificate.not_valid_after_utc:%Y-%m-%d})"
-            )
         try:
             holder = certificate_name(certificate)
         except ConfigError as exc:
             raise SealError(f"{role} certificate: {exc}") from exc
+        now = datetime.fromtimestamp(self._clock(), timezone.utc)
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            raise SealError(
+                f"{role} certificate of {holder!r} is not valid now "
+                f"(valid {certificate.not_valid_before_utc:%Y-%m-%d} to "
+                f"{certificate.not_valid_after_utc:%Y-%m-%d})"
+            )
         if not _covers(holder, name):
             raise SealError(f"{role} certificate is issued to {holder!r}, not to {name!r}")
 
