@@ -86,6 +86,7 @@ async def fedcell_pull(url: str, sizes: list[int], chunk: int) -> list[float]:
         frames = [await conn.recv() for _ in range(-(-size // chunk))]
         durations.append(time.monotonic() - t0)
         del frames
+        await conn.send([b"ok"])
     await listener.close()
     return durations
 
@@ -102,8 +103,7 @@ async def fedcell_push(url: str, sizes: list[int], chunk: int) -> None:
         await conn.send([struct.pack("<d", time.monotonic())])
         for part in _chunks(view, size, chunk):
             await conn.send([part])
-        await asyncio.sleep(0.5)
-    await asyncio.sleep(0.5)
+        await conn.recv()  # the receiver holds the payload (closing earlier drops queued data)
     await conn.close()
 
 
