@@ -13,8 +13,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from fedcell.errors import ConfigError, ConnectError
-from fedcell.transports.base import ConnectionState, TransportOptions
+from fedcell.errors import ConfigError, ConnectError, TransportClosedError
+from fedcell.transports.base import Connection, ConnectionState, TransportOptions
 from fedcell.transports.zmq_transport import ZmqListener, ZmqTransport
 
 pytestmark = pytest.mark.integration
@@ -37,6 +37,18 @@ async def _listen_retrying(transport: ZmqTransport, url: str) -> ZmqListener:
         except ConnectError:
             await asyncio.sleep(0.05)
     return await transport.listen(url)
+
+
+async def _send_until_one_waits(sender: Connection) -> asyncio.Future[None]:
+    """Send 1 MiB messages to a peer that does not read until a ``send`` waits; return it."""
+    frame = bytes(1024 * 1024)
+    for _ in range(1000):
+        blocked = asyncio.ensure_future(sender.send([frame]))
+        await asyncio.wait({blocked}, timeout=0.05)
+        if not blocked.done():
+            return blocked
+        blocked.result()
+    raise AssertionError("send() never waited although the peer does not read")
 
 
 def test_client_survives_listener_restart_on_the_same_port() -> None:
@@ -380,18 +392,34 @@ def test_a_send_waiting_on_a_full_peer_fails_when_the_peer_leaves() -> None:
         client = await transport.connect(listener.url)
         try:
             server = await asyncio.wait_for(listener.accept(), TIMEOUT_S)
-            frame = bytes(1024 * 1024)
-            blocked = asyncio.ensure_future(server.send([frame]))
-            for _ in range(1000):
-                await asyncio.wait({blocked}, timeout=0.05)
-                if not blocked.done():
-                    break
-                blocked = asyncio.ensure_future(server.send([frame]))
-            assert not blocked.done(), "the listener's send never waited"
+            blocked = await _send_until_one_waits(server)
             # Execute
             await client.close()
             # Assert
             with pytest.raises(ConnectError, match="is not connected"):
+                await asyncio.wait_for(blocked, TIMEOUT_S)
+        finally:
+            await client.close()
+            await listener.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_close_wakes_a_send_waiting_for_a_full_pipe(side: str) -> None:
+    async def main() -> None:
+        # Prepare: nobody reads, so sends from ``side`` end up waiting.
+        transport = ZmqTransport(TransportOptions(queue_size=1))
+        listener = await transport.listen("tcp://127.0.0.1:0")
+        client = await transport.connect(listener.url)
+        try:
+            server = await asyncio.wait_for(listener.accept(), TIMEOUT_S)
+            sender = client if side == "client" else server
+            blocked = await _send_until_one_waits(sender)
+            # Execute
+            await sender.close()
+            # Assert
+            with pytest.raises(TransportClosedError):
                 await asyncio.wait_for(blocked, TIMEOUT_S)
         finally:
             await client.close()
