@@ -75,7 +75,34 @@ Errors from the network
 
 Defaults (measured, see ``docs/benchmarks.md``)
 -----------------------------------------------
-DEFAULTS_NOTE
+Measured with ``benchmarks/stream.py --sweep`` (sender and receiver cells in two processes,
+256-512 MiB numpy models, ``codec="none"``) on the team's shared 2-core VM; CPU seconds per GiB
+(sender + receiver, every thread) is the steadier figure on a busy machine, throughput the
+noisier one. Figures in ``docs/benchmarks.md``.
+
+``chunk_size = 4 MiB``
+    Each chunk is one message through the cell and ZeroMQ, and a message costs a fixed amount of
+    CPU on both sides (envelope, asyncio wake-ups, zero-copy release tracking). 256 KiB chunks
+    cost 2.5-3.4 CPU s/GiB, 1 MiB chunks 1.2-2.8, 4 MiB chunks 0.9-1.9 (raw pyzmq: 0.5-0.8).
+    Larger chunks gain little more and coarsen progress (acks, stall detection) and the
+    receiver's scratch buffer for compressed chunks.
+``window = 32 MiB``
+    8 chunks in flight: one ack (every quarter window, 8 MiB) is always on its way while the
+    sender still has room. 4 MiB windows (1 MiB chunks) stalled on acks (2.1-2.4 CPU s/GiB and
+    lower throughput); 64 MiB windows were no faster. 32 MiB also covers the bandwidth-delay
+    product of a 1 Gbit/s link with 250 ms round trips, and bounds file-to-file memory.
+``threshold = 1 MiB``
+    Streaming costs two extra round trips (OPEN/GRANT, END/DONE): a 256 KiB request took 4.1 ms
+    streamed vs 0.4 ms in one piece, 4 MiB 4.9 vs 2.8 ms. Below 1 MiB that latency buys nothing;
+    above it, one-piece messages cost twice their size on the receiver (frame + decoded copy)
+    and escape admission control, so many sites sending at once could exhaust a server.
+``max_inbound_bytes = 1 GiB``
+    Admits one 1 GiB model at a time (the FedAvg budget is 2 models of memory), or several
+    smaller ones; a larger model is still admitted alone.
+``link_throughput_hint = 125 MB/s``
+    1 Gbit/s until the acks have measured the link: a first stream to a slow WAN peer is
+    compressed if it pays, and the first stream over loopback may be compressed needlessly once
+    (the next ones are measured and go raw).
 """
 
 from __future__ import annotations
@@ -193,8 +220,8 @@ class StreamConfig:
     """
 
     threshold: int = 1 * MiB
-    chunk_size: int = 1 * MiB
-    window: int = 16 * MiB
+    chunk_size: int = 4 * MiB
+    window: int = 32 * MiB
     stall_timeout: float = 30.0
     codec: str = "auto"
     max_inbound_bytes: int = 1 * GiB
@@ -554,8 +581,8 @@ class StreamEndpoint:
                     await out.send_chunk(pack_header(data), chunk)
                     tape.advance(out.peer, seq)
                 end = End(out.sid, encoder.chunks, source.size, encoder.digest())
+                out.ended = True  # before awaiting: DONE may arrive while ``send`` still waits
                 await out.send([pack_header(end)])
-                out.ended = True
                 await out.wait_until(lambda: out.done)
             except Exception as exc:
                 out.fail(exc, remote=False)
