@@ -116,10 +116,21 @@ def _is_torch_tensor(obj: object) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-def _torch_bytes(tensor: Any) -> memoryview:
+#: torch dtypes numpy can view directly (bf16 and float8 need a byte view).
+_NUMPY_VIEWABLE = frozenset(
+    ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64",
+     "complex64", "complex128")
+)  # fmt: skip
+
+
+def _torch_bytes(tensor: Any, dtype: str) -> memoryview:
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()
+    if dtype in _NUMPY_VIEWABLE:
+        # Fewest torch calls on the hot path (small models: per-call overhead dominates).
+        flat = np.ascontiguousarray(t.numpy()).reshape(-1)
+        return _byte_view(flat) if flat.size else memoryview(b"")
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
@@ -169,7 +180,7 @@ class _Encoder:
             dtype = str(obj.dtype).removeprefix("torch.")
             if dtype not in _TORCH_DTYPES:
                 raise EncodeError(f"{path}: torch dtype {dtype} is not supported on the wire")
-            index = self._frame(_torch_bytes(obj))
+            index = self._frame(_torch_bytes(obj, dtype))
             return msgpack.ExtType(_EXT_TORCH, _packb([dtype, list(obj.shape), index]))
         wire_name = _wire_names.get(type(obj))
         if wire_name is not None:
@@ -348,9 +359,16 @@ def _array_from_frame(spec: ArraySpec, frame: Buffer) -> Any:
             f"frame {spec.frame} has {view.nbytes} bytes; {spec.dtype}{list(spec.shape)} "
             f"needs {spec.nbytes}"
         )
-    out = allocate_like(spec)
-    fill(out, 0, view)
-    return out
+    if spec.library == "numpy":
+        out = np.empty(spec.shape, dtype=np.dtype(spec.dtype))
+        fill(out, 0, view)
+        return out
+    # One copy into a fresh buffer, then a zero-copy tensor over it (fewer torch calls than
+    # allocating a tensor and filling its byte view).
+    torch = _torch()
+    if view.nbytes == 0:
+        return torch.empty(spec.shape, dtype=_torch_dtype(spec.dtype))
+    return torch.frombuffer(bytearray(view), dtype=_torch_dtype(spec.dtype)).reshape(spec.shape)
 
 
 def allocate_like(spec: ArraySpec) -> Any:
