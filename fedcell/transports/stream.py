@@ -62,7 +62,9 @@ Broadcast
     any peer needs it, and kept until every live peer has sent it; each peer has its own stream,
     window and task, so a slow or stuck peer delays only itself.
 Memory
-    Receiver: each admitted message costs its size (its arrays, allocated at ``GRANT``), plus one
+    Receiver: each admitted message costs its size (its arrays, allocated at ``GRANT``; arrays
+    of 1 MiB or more reuse the memory of received arrays the application has dropped, up to
+    ``max_inbound_bytes`` of it kept, which spares the page faults of fresh memory), plus one
     chunk of scratch when chunks arrive compressed; a file costs the chunks in flight (at most a
     window). A queued stream costs its header. Sender: the payload stays the caller's; compressed
     chunks live until every peer has sent them; a file is read one fresh chunk at a time, so at
@@ -151,6 +153,7 @@ from fedcell.transports.stream_protocol import (
     peek_header,
 )
 from fedcell.transports.stream_receiver import (
+    ArrayPool,
     FileOffer,
     FileSinkPolicy,
     InboundStream,
@@ -264,6 +267,8 @@ class StreamStats:
     peak_inbound_bytes_admitted: int = 0
     peak_in_flight: int = 0
     rejected_frames: int = 0
+    arrays_reused: int = 0
+    pooled_bytes: int = 0
     codec_choices: dict[str, int] = field(default_factory=dict)
 
 
@@ -357,6 +362,7 @@ class StreamEndpoint:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self._link: dict[str, float] = {}
+        self._pool = ArrayPool(self.config.max_inbound_bytes)
         self._stats = StreamStats()
         self._closed = False
 
@@ -502,6 +508,8 @@ class StreamEndpoint:
         s.open_inbound = len(self._inbound)
         s.queued_inbound = len(self._waiting)
         s.inbound_bytes_admitted = self._admitted_bytes
+        s.arrays_reused = self._pool.reused
+        s.pooled_bytes = self._pool.free_bytes
         return s
 
     async def close(self) -> None:
@@ -525,6 +533,7 @@ class StreamEndpoint:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._pool.close()
 
     # ------------------------------------------------------------------------------------------
     # sending
@@ -668,6 +677,7 @@ class StreamEndpoint:
             stream = InboundStream(
                 peer, header, max_chunk_size=cfg.max_chunk_size,
                 max_tree_bytes=codec.DEFAULT_MAX_TREE_BYTES, file_sink=self._file_sink,
+                pool=self._pool,
             )  # fmt: skip
         except Exception as exc:  # the file sink policy is application code: refuse on any error
             reason = f"stream {header.sid} from {peer} refused: {exc}"

@@ -13,9 +13,11 @@ from stream_harness import StreamNet
 from fedcell.errors import ConfigError, StreamError
 from fedcell.transports import compression
 from fedcell.transports.base import Buffer
+from fedcell.transports.codec import ArraySpec
 from fedcell.transports.message import Message
 from fedcell.transports.stream import StreamConfig
 from fedcell.transports.stream_protocol import Ack, Data
+from fedcell.transports.stream_receiver import ArrayPool
 
 KiB = 1024
 SMALL = StreamConfig(threshold=0, chunk_size=64 * KiB, window=256 * KiB, codec="none",
@@ -403,3 +405,56 @@ def test_an_ack_may_overtake_the_send_that_carried_its_chunk() -> None:
         assert a.statistics().rejected_frames == 0
 
     asyncio.run(main())
+
+
+def test_received_array_memory_is_reused_only_after_every_view_is_gone() -> None:
+    async def main() -> None:
+        # Prepare: 2 MiB arrays come from the pool (numpy and a bf16 tensor).
+        net = StreamNet()
+        a = net.add("a", SMALL)
+        b = net.add("b", SMALL)
+
+        def model(value: float) -> dict[str, Any]:
+            return {"np": np.full(512 * KiB, value, dtype=np.float32),
+                    "pt": torch.full((1024 * KiB,), value, dtype=torch.bfloat16)}  # fmt: skip
+
+        try:
+            # Execute: keep a slice of the first model's arrays, drop the rest, receive again.
+            await a.send_message("b", Message.create("a", "b", "ch", model(1.0)))
+            first = (await net.next_delivery("b")).payload
+            kept_np, kept_pt = first["np"][:10], first["pt"][:10]
+            del first
+            await a.send_message("b", Message.create("a", "b", "ch", model(2.0)))
+            second = (await net.next_delivery("b")).payload
+            reused_while_held = b.statistics().arrays_reused
+            second_pointers = {second["np"].ctypes.data, second["pt"].data_ptr()}
+            del second
+            await a.send_message("b", Message.create("a", "b", "ch", model(3.0)))
+            third = (await net.next_delivery("b")).payload
+        finally:
+            await net.close()
+        # Assert: memory still viewed is never handed out again; dropped memory is.
+        assert reused_while_held == 0
+        assert np.all(kept_np == 1.0) and bool(torch.all(kept_pt == 1.0))
+        assert b.statistics().arrays_reused == 2
+        assert {third["np"].ctypes.data, third["pt"].data_ptr()} == second_pointers
+        assert np.all(third["np"] == 3.0) and bool(torch.all(third["pt"] == 3.0))
+        assert third["np"].flags.writeable and third["pt"].dtype == torch.bfloat16
+
+    asyncio.run(main())
+
+
+def test_pooled_memory_of_a_size_that_does_not_come_back_is_evicted() -> None:
+    # Prepare: a pool holding a dropped 2 MiB array.
+    pool = ArrayPool(capacity=64 * 1024 * KiB)
+    spec_2mib = ArraySpec("numpy", "<f4", (512 * KiB,), 0)
+    spec_3mib = ArraySpec("numpy", "<f4", (768 * KiB,), 0)
+    first = pool.allocate(spec_2mib)
+    del first
+    assert pool.free_bytes == 2 * 1024 * KiB
+    # Execute: a 3 MiB array misses; then a 2 MiB one finds nothing left.
+    third = pool.allocate(spec_3mib)
+    fourth = pool.allocate(spec_2mib)
+    # Assert
+    assert pool.free_bytes == 0 and pool.reused == 0
+    assert third.shape == (768 * KiB,) and fourth.flags.writeable
