@@ -31,26 +31,30 @@ ZeroMQ's receive high-water mark fills, and the sender's ``send`` waits: backpre
 sender. On a listener this is head-of-line blocking: a connection whose owner stops calling
 ``recv`` stalls the listener's other connections once its queue is full. The cell layer keeps
 one reader per connection, so queues drain. Frames smaller than ``copy_threshold`` are returned
-as ``bytes``; larger ones as the ``memoryview`` of the ZeroMQ frame (no copy, private to the
-receiver).
+as ``bytes``; larger ones as a read-only ``memoryview`` of the ZeroMQ frame (no copy; read-only
+like the in-process transport's frames, so a received frame can be relayed without a wait).
 
 Sending. Small frames are copied into ZeroMQ messages; frames of at least ``copy_threshold`` bytes
 are sent without copying. ZeroMQ reads a zero-copy buffer after ``send`` has handed it over (its
-I/O thread writes it to the kernel later), so to keep the contract that a caller may reuse its
-buffers once ``send`` returns, ``send`` tracks zero-copy frames whose buffer can change (anything
-but ``bytes`` or a view of ``bytes``) and returns only when ZeroMQ has released them. pyzmq signals
-the release through a ``threading.Event``, so the wait runs in the loop's default executor: one
-thread per send whose peer is slow to drain (a peer that stops reading holds a thread until it
-reads, disconnects or this connection closes). ``send_nowait`` cannot wait, so it copies mutable
-frames above the threshold; ``bytes`` always travel without a copy. ``send`` first tries a
-non-blocking send; when the peer's pipe is full it waits for the socket to become writable
-(``POLLOUT``, re-checked every 100 ms: a ROUTER pipe whose peer left never becomes writable, only a
-retried send reports it) rather than spinning. On a ROUTER, ``POLLOUT`` means *some* peer is
-writable, so when it is set but this peer's pipe is still full, ``send`` sleeps with a short
-exponential backoff (0.5 ms doubling to 20 ms) before retrying. The fast paths call the socket
-through a blocking-API view; ZeroMQ's fd is edge-triggered, so after each such call pyzmq's asyncio
-wrapper is told to re-check the socket (:func:`_rearm`), or a waiting reader could sleep through a
-message that already arrived.
+I/O thread writes it to the kernel later). A read-only buffer (``bytes``, a read-only
+``memoryview``) is taken as the caller's promise that it stays unchanged until the peer has it, the
+promise the in-process transport relies on for every frame: it travels without a wait. A writable
+buffer is not: to keep the contract that a caller may reuse it once ``send`` returns, ``send``
+tracks it and returns only when ZeroMQ has released it. pyzmq signals the release through a
+``threading.Event``, so the wait runs in the loop's default executor: one thread per send whose
+peer is slow to drain (a peer that stops reading holds a thread until it reads, disconnects or this
+connection closes). The wait costs throughput on fast links (it empties ZeroMQ's pipe between
+messages: about 0.6-0.8x of untracked sends over ipc on a busy 2-core machine), so bulk senders
+that keep their buffers unchanged (the stream layer, which also checksums every chunk) pass
+read-only views. ``send_nowait`` cannot wait, so it copies writable frames above the threshold.
+``send`` first tries a non-blocking send; when the peer's pipe is full it waits for the socket to
+become writable (``POLLOUT``, re-checked every 100 ms: a ROUTER pipe whose peer left never becomes
+writable, only a retried send reports it) rather than spinning. On a ROUTER, ``POLLOUT`` means
+*some* peer is writable, so when it is set but this peer's pipe is still full, ``send`` sleeps with
+a short exponential backoff (0.5 ms doubling to 20 ms) before retrying. The fast paths call the
+socket through a blocking-API view; ZeroMQ's fd is edge-triggered, so after each such call pyzmq's
+asyncio wrapper is told to re-check the socket (:func:`_rearm`), or a waiting reader could sleep
+through a message that already arrived.
 
 Socket options: ``LINGER 0`` (close never blocks), ``SNDHWM``/``RCVHWM`` = ``queue_size``,
 ``ROUTER_MANDATORY`` (a send to a vanished identity raises
@@ -198,7 +202,7 @@ def _new_socket(socket_type: int, options: TransportOptions) -> zmq.asyncio.Sock
 
 
 def _to_received(frames: list[zmq.Frame], copy_threshold: int) -> list[Buffer]:
-    return [f.bytes if len(f) < copy_threshold else f.buffer for f in frames]
+    return [f.bytes if len(f) < copy_threshold else f.buffer.toreadonly() for f in frames]
 
 
 def _sync_view(sock: zmq.asyncio.Socket) -> zmq.Socket[bytes]:
@@ -331,7 +335,7 @@ class ZmqConnection(Connection):
             view = memoryview(frame)
             if view.nbytes < threshold:
                 parts.append(frame)  # copied by send_multipart (below the socket's threshold)
-            elif isinstance(view.obj, bytes):  # bytes, or a view of bytes: cannot change
+            elif view.readonly:  # the caller promises it stays unchanged (module docstring)
                 parts.append(zmq.Frame(frame, copy=False))
             elif track:
                 zframe = zmq.Frame(frame, copy=False, track=True)
@@ -344,8 +348,8 @@ class ZmqConnection(Connection):
     async def send(self, frames: Sequence[Buffer]) -> None:
         """Send one message; wait while the peer's pipe is full.
 
-        Returns once the caller may reuse the frames (ZeroMQ released every mutable frame it
-        sends without copying).
+        Returns once the caller may reuse the frames (ZeroMQ released every writable frame it
+        sends without copying; read-only frames are promised unchanged and not waited for).
 
         Raises
         ------
@@ -401,7 +405,7 @@ class ZmqConnection(Connection):
             self._send_waiters.discard(waiter)
 
     def send_nowait(self, frames: Sequence[Buffer]) -> None:
-        """Send one message now; mutable frames above ``copy_threshold`` are copied.
+        """Send one message now; writable frames above ``copy_threshold`` are copied.
 
         Raises
         ------

@@ -14,8 +14,9 @@ import zmq
 import zmq.asyncio
 
 from fedcell.errors import ConfigError, ConnectError, TransportClosedError
+from fedcell.transports import zmq_transport
 from fedcell.transports.base import Connection, ConnectionState, TransportOptions
-from fedcell.transports.zmq_transport import ZmqListener, ZmqTransport
+from fedcell.transports.zmq_transport import ZmqConnection, ZmqListener, ZmqTransport
 
 pytestmark = pytest.mark.integration
 
@@ -421,6 +422,40 @@ def test_close_wakes_a_send_waiting_for_a_full_pipe(side: str) -> None:
             # Assert
             with pytest.raises(TransportClosedError):
                 await asyncio.wait_for(blocked, TIMEOUT_S)
+        finally:
+            await client.close()
+            await listener.close()
+
+    asyncio.run(main())
+
+
+def test_read_only_frames_are_sent_without_waiting_for_their_release(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[int] = []
+    real_wait = zmq_transport._wait_released
+
+    def counting_wait(trackers: list[zmq.MessageTracker], conn: ZmqConnection) -> None:
+        waits.append(len(trackers))
+        real_wait(trackers, conn)
+
+    monkeypatch.setattr(zmq_transport, "_wait_released", counting_wait)
+
+    async def main() -> None:
+        # Prepare: the peer does not read, so nothing large is released soon.
+        transport = ZmqTransport(TransportOptions(queue_size=1))
+        listener = await transport.listen("tcp://127.0.0.1:0")
+        client = await transport.connect(listener.url)
+        try:
+            server = await asyncio.wait_for(listener.accept(), TIMEOUT_S)
+            promised = memoryview(bytearray(b"p" * (8 * 1024 * 1024))).toreadonly()
+            # Execute
+            await asyncio.wait_for(client.send([b"head", promised, bytes(1 << 20)]), TIMEOUT_S)
+            # Assert
+            assert waits == []
+            received = await asyncio.wait_for(server.recv(), TIMEOUT_S)
+            assert bytes(received[1]) == bytes(promised)
+            assert memoryview(received[1]).readonly
         finally:
             await client.close()
             await listener.close()
