@@ -1036,14 +1036,20 @@ class Cell:
             self._parent_link = link
         self._attach_connection(link, conn)
         try:
-            await self._send_on(link, self._control_frames(link, "hello", self._hello_payload()))
-            return await asyncio.wait_for(link.welcome, self._config.connect_timeout)
+            # The hello's send is bounded too: a connection whose peer refused it at the
+            # transport level (a CurveZMQ handshake failure) may never become writable.
+            async with asyncio.timeout(self._config.connect_timeout):
+                await self._send_on(link, self._control_frames(link, "hello", self._hello_payload()))
+                return await link.welcome
         except TimeoutError:
             await self._drop_link(link)
             raise ConnectError(
                 f"{url} did not answer the handshake of {self._name!r} within "
                 f"{self._config.connect_timeout} s"
             ) from None
+        except UnreachableError as exc:  # the connection closed before the hello went out
+            await self._drop_link(link)
+            raise ConnectError(f"handshake of {self._name!r} with {url} failed: {exc}") from exc
         except BaseException:
             await self._drop_link(link)
             raise
@@ -1078,7 +1084,12 @@ class Cell:
         while True:
             try:
                 frames = await conn.recv()
-            except TransportError:
+            except TransportError as exc:
+                if link.welcome is not None and not link.welcome.done():  # e.g. CurveZMQ refusal
+                    link.welcome.set_exception(
+                        ConnectError(f"{link.url} closed the connection during the handshake of "
+                                     f"{self._name!r}: {exc}")
+                    )  # fmt: skip
                 break
             link.last_seen = time.monotonic()
             self._counters.received += 1
