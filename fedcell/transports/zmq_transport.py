@@ -76,8 +76,12 @@ listener's public key, and a listener admits only the client keys its authorizer
 arrives on every message as the ZAP ``User-Id``; the first message of an identity fixes its
 connection's :attr:`~fedcell.transports.base.Connection.authenticated_identity`, and a later
 message under that routing identity from another user (a peer taking the identity over with
-``ROUTER_HANDOVER``) is dropped. A client whose handshake is refused logs it (socket monitor);
-ZeroMQ keeps retrying, so the cell layer's handshake timeout reports the failure.
+``ROUTER_HANDOVER``) is dropped. A client whose handshake is refused (a key the listener does
+not admit, plaintext against a secured listener) logs it and closes: libzmq terminates the
+session after a failed handshake and never retries it, so ``send``/``recv`` raise
+:class:`~fedcell.errors.TransportClosedError` instead of waiting forever. A client holding a
+wrong server key cannot tell: the listener just drops its undecryptable hello, the client
+reconnects and is never answered (the cell layer's handshake timeout reports it).
 
 Addresses. ``tcp://127.0.0.1:0`` binds an ephemeral port and ``Listener.url`` reports the real
 one; ``ipc://`` paths longer than the OS limit (``zmq.IPC_PATH_MAX_LEN``) raise
@@ -460,6 +464,7 @@ class ZmqClientConnection(ZmqConnection):
         self._dealer = _new_socket(zmq.DEALER, options)
         self._sync = _sync_view(self._dealer)
         self._monitor: zmq.asyncio.Socket | None = None
+        self._released = False
         try:
             self._dealer.routing_id = self.routing_id
             self._dealer.reconnect_ivl = RECONNECT_IVL_MS
@@ -470,8 +475,11 @@ class ZmqClientConnection(ZmqConnection):
                 _MONITOR_EVENTS, f"inproc://fedcell-zmq-monitor-{os.getpid()}-{next(_monitor_ids)}"
             )
             self._dealer.connect(url)
-            # The first message in the pipe, so it reaches the listener before any data.
-            self._sync.send(TAG_HELLO, flags=zmq.NOBLOCK)
+            # The first message in the pipe, so it reaches the listener before any data. Its pipe
+            # may already be gone (a secured listener refused this key within microseconds):
+            # then the monitor's hello after the next successful handshake announces it.
+            with contextlib.suppress(zmq.Again):
+                self._sync.send(TAG_HELLO, flags=zmq.NOBLOCK)
             _rearm(self._dealer)
         except (zmq.ZMQError, ConfigError) as exc:
             self._close_sockets()
@@ -521,10 +529,12 @@ class ZmqClientConnection(ZmqConnection):
             elif event["event"] & _HANDSHAKE_FAILED:
                 logger.error(
                     "secure handshake with %s failed (%s, code %s): wrong server key, or the "
-                    "server does not admit this key", self.peer,
+                    "server does not admit this key; closing the connection", self.peer,
                     "refused" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "protocol",
                     event["value"],
                 )  # fmt: skip
+                self._mark_closed()  # libzmq never retries a failed handshake
+                return
 
     def _notify_state_safely(self, state: ConnectionState) -> None:
         # One failing listener must neither stop the others nor kill the monitor task.
@@ -544,8 +554,11 @@ class ZmqClientConnection(ZmqConnection):
 
     async def close(self) -> None:
         """Close the DEALER, its monitor and tasks; waiting calls raise. Idempotent."""
-        if self.closed:
+        # Not `self.closed`: a refused handshake or a receive error marks the connection closed
+        # before the application closes it, and its sockets must still be released here.
+        if self._released:
             return
+        self._released = True
         self._mark_closed()
         for task in self._tasks:
             task.cancel()
