@@ -100,9 +100,9 @@ def test_a_process_without_a_kit_or_with_another_projects_kit_is_refused(
             foreign = Cell("site-1", parent=url, config=foreign_kit.cell_config(CONFIG))
 
             # Execute / Assert: the handshake never completes; the server keeps serving
-            with pytest.raises(ConnectError, match="did not answer the handshake"):
+            with pytest.raises(ConnectError, match="handshake"):
                 await plain.start()
-            with pytest.raises(ConnectError, match="did not answer the handshake"):
+            with pytest.raises(ConnectError, match="handshake"):
                 await foreign.start()
             assert server.peers == ()
             site = StartupKit.load(kits / "site-1").cell(config=CONFIG)
