@@ -5,13 +5,14 @@ Usage::
     python benchmarks/transport.py [--size-mib 1024] [--chunk-mib 4] [--reps 3]
 
 The sender and the receiver are two processes, for both contenders, over ``tcp://127.0.0.1``
-and ``ipc://``. The payload is a writable numpy buffer sent as ``chunk`` messages:
+and ``ipc://``. The payload is a numpy buffer sent as ``chunk`` messages:
 
 - **raw pyzmq**: PUSH ``send(view, copy=False)`` without tracking; PULL ``recv(copy=False)``
   keeping every frame (a receiver of a model holds it all).
-- **fedcell**: ``ZmqConnection.send([view])`` on a client connection (zero-copy, and it waits until
-  ZeroMQ released the buffer, so the caller may reuse it); the listener's connection ``recv()``
-  keeping every frame.
+- **fedcell**: ``ZmqConnection.send([view])`` on a client connection, zero-copy; the listener's
+  connection ``recv()`` keeping every frame. ``--payload readonly`` (default) sends read-only
+  views, as the stream layer should; ``--payload writable`` sends writable ones, for which
+  ``send`` waits until ZeroMQ released the buffer (so the caller may reuse it).
 
 Time runs from the sender's first send to the receiver holding the last byte (the monotonic
 clock is shared between processes on Linux). One 64 MiB warm-up, then ``reps`` timed transfers
@@ -36,7 +37,7 @@ import numpy as np
 import zmq
 
 MiB = 1024 * 1024
-PAYLOAD = "numpy"
+PAYLOAD = "readonly"
 WARMUP_BYTES = 64 * MiB
 
 
@@ -95,10 +96,9 @@ async def fedcell_push(url: str, sizes: list[int], chunk: int) -> None:
     from fedcell.transports.zmq_transport import ZmqTransport
 
     conn = await ZmqTransport().connect(url)
-    if PAYLOAD == "bytes":
-        view = memoryview(bytes(max(sizes)))
-    else:
-        view = memoryview(np.ones(max(sizes), dtype=np.uint8))
+    view = memoryview(np.ones(max(sizes), dtype=np.uint8))
+    if PAYLOAD == "readonly":
+        view = view.toreadonly()  # the promise not to change it: no wait for ZeroMQ's release
     for size in sizes:
         await conn.send([struct.pack("<d", time.monotonic())])
         for part in _chunks(view, size, chunk):
@@ -144,10 +144,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the contenders")
     parser.add_argument(
         "--payload",
-        choices=("numpy", "bytes"),
-        default="numpy",
-        help="numpy: a writable buffer (send waits until ZeroMQ released it); bytes: immutable",
+        choices=("writable", "readonly"),
+        default="readonly",
+        help="writable: send waits until ZeroMQ released the buffer; readonly: it does not",
     )
+    parser.add_argument("--schemes", nargs="+", choices=("tcp", "ipc"), default=["tcp", "ipc"])
     parser.add_argument("--child", nargs=5, metavar=("ROLE", "URL", "SIZES", "CHUNK", "PAYLOAD"))
     options = parser.parse_args()
     if options.child:
@@ -158,7 +159,8 @@ def main() -> None:
     size, chunk = options.size_mib * MiB, options.chunk_mib * MiB
     sizes = [min(size, WARMUP_BYTES)] + [size] * options.reps
     with tempfile.TemporaryDirectory() as tmp:
-        for url in ("tcp://127.0.0.1:0", f"ipc://{tmp}/bench.sock"):
+        urls = {"tcp": "tcp://127.0.0.1:0", "ipc": f"ipc://{tmp}/bench.sock"}
+        for url in (urls[scheme] for scheme in options.schemes):
             raw: list[float] = []
             ours: list[float] = []
             for _ in range(options.rounds):  # alternate, so load from elsewhere hits both
