@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,3 +100,19 @@ def test_check_transport_names_the_failing_check() -> None:
     transport = _with_class(_ReorderingConnection)
     with pytest.raises(AssertionError, match=r"^check_round_trip: "):
         asyncio.run(check_transport(transport, "inproc://broken-named"))
+
+
+def test_kit_runs_without_a_test_framework() -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from fedcell.transports.inproc import InprocTransport\n"
+        "from fedcell.transports.testing import check_round_trip\n"
+        "asyncio.run(check_round_trip(InprocTransport(), 'inproc://plain'))\n"
+        "assert 'pytest' not in sys.modules, 'the kit imported pytest'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
