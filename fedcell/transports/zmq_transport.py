@@ -85,7 +85,9 @@ reconnects and is never answered (the cell layer's handshake timeout reports it)
 
 Addresses. ``tcp://127.0.0.1:0`` binds an ephemeral port and ``Listener.url`` reports the real
 one; ``ipc://`` paths longer than the OS limit (``zmq.IPC_PATH_MAX_LEN``) raise
-:class:`~fedcell.errors.ConfigError` naming the path. Every ``zmq.ZMQError`` is mapped to the
+:class:`~fedcell.errors.ConfigError` naming the path; an ipc path on which a process still listens
+raises :class:`~fedcell.errors.ConnectError`, as a tcp port in use does (libzmq would silently
+take the path over), while a stale socket file left by a crashed process is replaced. Every ``zmq.ZMQError`` is mapped to the
 fedcell error tree.
 """
 
@@ -98,6 +100,7 @@ import errno
 import itertools
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -180,6 +183,24 @@ def _check_address(url: str) -> None:
             f"ipc path {address!r} is {len(os.fsencode(address))} bytes, longer than the OS "
             f"limit of {zmq.IPC_PATH_MAX_LEN}; use a shorter path"
         )
+
+
+def _refuse_live_ipc_path(url: str) -> None:
+    """Raise ``ConnectError`` if a process still listens on ``url``'s ipc path.
+
+    libzmq unlinks whatever file is at the path and binds anew, so a second listener would
+    silently take the address from a live one (whose peers then reach the newcomer). A stale
+    file left by a crashed process refuses connections and is fair game.
+    """
+    path = url[len("ipc://") :]
+    if path == "*" or path.startswith("@") or not os.path.exists(path):  # @: abstract namespace
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return
+    raise ConnectError(f"listen on {url}: another socket is listening on {path}")
 
 
 def _reported_url(requested: str, last_endpoint: str) -> str:
@@ -742,9 +763,12 @@ class ZmqTransport(Transport):
             The URL is malformed, the ipc path is longer than the OS allows, or the security
             options have no authorizer.
         ConnectError
-            The address is in use or not available.
+            The address is in use (an ipc path too, while a process listens on it) or not
+            available.
         """
         _check_address(url)
+        if url.startswith("ipc://"):
+            _refuse_live_ipc_path(url)
         router = _new_socket(zmq.ROUTER, self.options)
         release_security: Callable[[], None] | None = None
         try:

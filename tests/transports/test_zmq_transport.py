@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -458,6 +459,31 @@ def test_read_only_frames_are_sent_without_waiting_for_their_release(
             assert memoryview(received[1]).readonly
         finally:
             await client.close()
+            await listener.close()
+
+    asyncio.run(main())
+
+
+def test_an_ipc_path_in_use_is_refused_and_a_stale_one_is_taken_over(tmp_path: Path) -> None:
+    async def main() -> None:
+        # Prepare: a stale socket file, as a crashed process leaves behind.
+        path = tmp_path / "server.sock"
+        with socket.socket(socket.AF_UNIX) as crashed:
+            crashed.bind(str(path))
+        transport = ZmqTransport()
+        # Execute / Assert
+        listener = await transport.listen(f"ipc://{path}")
+        try:
+            with pytest.raises(ConnectError, match="another socket is listening"):
+                await transport.listen(f"ipc://{path}")
+            client = await transport.connect(listener.url)
+            try:
+                await client.send([b"still mine"])
+                server = await asyncio.wait_for(listener.accept(), TIMEOUT_S)
+                assert await asyncio.wait_for(server.recv(), TIMEOUT_S) == [b"still mine"]
+            finally:
+                await client.close()
+        finally:
             await listener.close()
 
     asyncio.run(main())
