@@ -83,12 +83,12 @@ session after a failed handshake and never retries it, so ``send``/``recv`` rais
 wrong server key cannot tell: the listener just drops its undecryptable hello, the client
 reconnects and is never answered (the cell layer's handshake timeout reports it).
 
-Addresses. ``tcp://127.0.0.1:0`` binds an ephemeral port and ``Listener.url`` reports the real
-one; ``ipc://`` paths longer than the OS limit (``zmq.IPC_PATH_MAX_LEN``) raise
+Addresses. ``tcp://127.0.0.1:0`` binds an ephemeral port and ``Listener.url`` reports the real one;
+``ipc://`` paths longer than the OS limit (``zmq.IPC_PATH_MAX_LEN``) raise
 :class:`~fedcell.errors.ConfigError` naming the path; an ipc path on which a process still listens
-raises :class:`~fedcell.errors.ConnectError`, as a tcp port in use does (libzmq would silently
-take the path over), while a stale socket file left by a crashed process is replaced. Every ``zmq.ZMQError`` is mapped to the
-fedcell error tree.
+raises :class:`~fedcell.errors.ConnectError`, as a tcp port in use does (libzmq would silently take
+the path over), while a stale socket file left by a crashed process is replaced. Every
+``zmq.ZMQError`` is mapped to the fedcell error tree.
 """
 
 from __future__ import annotations
