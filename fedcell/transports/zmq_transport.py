@@ -29,8 +29,8 @@ feeds each connection's bounded ``asyncio.Queue`` (``queue_size`` messages); a c
 task does the same for its DEALER. When a connection's queue is full, its reader stops reading,
 ZeroMQ's receive high-water mark fills, and the sender's ``send`` waits: backpressure reaches the
 sender. On a listener this is head-of-line blocking: a connection whose owner stops calling
-``recv`` stalls the listener's other connections once its queue is full. The cell layer keeps
-one reader per connection, so queues drain. Frames smaller than ``copy_threshold`` are returned
+``recv`` stalls the listener's other connections once its queue is full (logged every 10 s,
+naming the connection). The cell layer keeps one reader per connection, so queues drain. Frames smaller than ``copy_threshold`` are returned
 as ``bytes``; larger ones as a read-only ``memoryview`` of the ZeroMQ frame (no copy; read-only
 like the in-process transport's frames, so a received frame can be relayed without a wait).
 
@@ -146,6 +146,7 @@ _BACKOFF_MAX_S: Final = 0.02
 _WRITABLE_RECHECK_MS: Final = 100
 _RELEASE_POLL_S: Final = 0.5
 _DROP_LOG_INTERVAL_S: Final = 1.0
+_STALL_WARN_S: Final = 10.0
 _HANDSHAKE_FAILED: Final = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 _MONITOR_EVENTS: Final = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILED
 
@@ -264,6 +265,18 @@ class _Mailbox:
         self._getters: list[asyncio.Future[None]] = []
         self._putters: list[asyncio.Future[None]] = []
         self.closed = False
+
+    def offer(self, item: list[Buffer]) -> bool:
+        """Append ``item`` if there is room (or drop it if closed); False if full."""
+        if len(self._items) >= self._maxsize and not self.closed:
+            return False
+        if not self.closed:
+            self._items.append(item)
+            _wake_all(self._getters)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     async def put(self, item: list[Buffer]) -> None:
         while len(self._items) >= self._maxsize and not self.closed:
@@ -456,6 +469,25 @@ class ZmqConnection(Connection):
             _rearm(sock)
         self._count_sent(frames)
 
+    async def _deliver(self, frames: list[Buffer], stalls: str) -> None:
+        """Queue a received message; while the queue is full, wait and warn every 10 s.
+
+        ``stalls`` names who else waits meanwhile (the reader stops reading its socket).
+        """
+        if self._inbox.offer(frames):
+            return
+        put = asyncio.ensure_future(self._inbox.put(frames))
+        try:
+            waited = 0.0
+            while not (await asyncio.wait({put}, timeout=_STALL_WARN_S))[0]:
+                waited += _STALL_WARN_S
+                logger.warning(
+                    "%s: %d received messages unread for %.0f s; %s wait",
+                    self.peer, len(self._inbox), waited, stalls,
+                )  # fmt: skip
+        finally:
+            put.cancel()
+
     async def recv(self) -> list[Buffer]:
         """Receive the next message's frames.
 
@@ -526,7 +558,7 @@ class ZmqClientConnection(ZmqConnection):
                 if message[0].bytes != TAG_DATA:
                     logger.warning("dropped a message without a data tag from %s", self.peer)
                     continue
-                await self._inbox.put(_to_received(message[1:], threshold))
+                await self._deliver(_to_received(message[1:], threshold), "later messages")
         except zmq.ZMQError as exc:
             logger.error("receiving from %s failed, closing the connection: %s", self.peer, exc)
             self._mark_closed()
@@ -713,7 +745,10 @@ class ZmqListener(Listener):
                     f"sent by {user!r} under the routing identity of {conn.authenticated_identity!r}",
                 )
             elif tag == TAG_DATA:
-                await conn._inbox.put(_to_received(message[2:], threshold))
+                # Head-of-line blocking: see the module docstring.
+                await conn._deliver(
+                    _to_received(message[2:], threshold), f"all peers of listener {self.url}"
+                )
 
     def _connection(self, identity: bytes, user: str | None) -> ZmqServerConnection:
         conn = self._connections.get(identity)

@@ -487,3 +487,32 @@ def test_an_ipc_path_in_use_is_refused_and_a_stale_one_is_taken_over(tmp_path: P
             await listener.close()
 
     asyncio.run(main())
+
+
+def test_a_connection_nobody_reads_is_named_in_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(zmq_transport, "_STALL_WARN_S", 0.1)
+
+    async def main() -> None:
+        # Prepare
+        transport = ZmqTransport(TransportOptions(queue_size=2))
+        listener = await transport.listen("tcp://127.0.0.1:0")
+        client = await transport.connect(listener.url)
+        try:
+            server = await asyncio.wait_for(listener.accept(), TIMEOUT_S)
+            # Execute: more messages than the listener's queue holds, and nobody reads.
+            for index in range(5):
+                await client.send([b"%d" % index])
+            await _eventually(lambda: "unread for" in caplog.text, "the stall warning")
+            # Assert: the warning names the connection; reading resumes the flow in order.
+            assert server.peer in caplog.text
+            assert f"all peers of listener {listener.url} wait" in caplog.text
+            for index in range(5):
+                assert await asyncio.wait_for(server.recv(), TIMEOUT_S) == [b"%d" % index]
+        finally:
+            await client.close()
+            await listener.close()
+
+    with caplog.at_level("WARNING", logger="fedcell.transports.zmq_transport"):
+        asyncio.run(main())
