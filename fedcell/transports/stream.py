@@ -24,10 +24,11 @@ Window
     progresses. With chunk ``c`` and window ``w`` the pipe holds ``w / c`` chunks: enough to
     cover one ack round trip, small enough to bound memory on both sides by ``w`` for files.
 Zero copy
-    Uncompressed message chunks are ``memoryview`` slices of the sender's arrays (several
-    frames when a chunk spans arrays); the receiver copies each byte once, from the frame into
-    the preallocated array. The caller must not modify the payload until ``send_message``
-    returns.
+    Uncompressed message chunks are read-only ``memoryview`` slices of the sender's arrays
+    (several frames when a chunk spans arrays), which the transport sends without copying and
+    without waiting for ZeroMQ to release them; the receiver copies each byte once, from the
+    frame into the preallocated array. The caller must not modify the payload until
+    ``send_message`` returns (the read-only views are that promise to the transport).
 Admission
     The receiver admits streams FIFO while the bytes of admitted streams stay within
     ``max_inbound_bytes`` (a message costs its size, a file one window); one stream is always

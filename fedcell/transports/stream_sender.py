@@ -1,8 +1,9 @@
 """The sending half of the stream layer: chunk sources, the chunk encoder, the per-peer window.
 
 A stream's bytes come from a :class:`ChunkSource`: the raw buffers of an encoded message
-(:class:`PayloadSource`, zero-copy ``memoryview`` slices of the arrays; a chunk that spans arrays
-is several slices, never concatenated) or a file (:class:`FileSource`, one fresh ``bytes`` per chunk
+(:class:`PayloadSource`, zero-copy read-only ``memoryview`` slices of the arrays, which a
+transport may send without copying or waiting for their release; a chunk that spans arrays is
+several slices, never concatenated) or a file (:class:`FileSource`, one fresh ``bytes`` per chunk
 read with ``pread``, so memory is bounded by the window whatever the file size).
 
 The :class:`ChunkEncoder` turns chunk ``seq`` into an :class:`EncodedChunk` exactly once: it
@@ -82,7 +83,9 @@ class PayloadSource:
     """The raw buffers of an encoded message, read as zero-copy slices."""
 
     def __init__(self, buffers: list[Buffer], itemsizes: list[int]) -> None:
-        self._views = [memoryview(b).cast("B") for b in buffers]
+        # Read-only views: the transport may send them without copying and without waiting
+        # for their release (the caller keeps the payload unchanged until the stream is done).
+        self._views = [memoryview(b).cast("B").toreadonly() for b in buffers]
         self._itemsizes = itemsizes
         self._starts: list[int] = []
         total = 0
