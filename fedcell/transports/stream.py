@@ -68,8 +68,8 @@ Memory
     ``max_inbound_bytes`` of it kept, which spares the page faults of fresh memory), plus one
     chunk of scratch when chunks arrive compressed; a file costs the chunks in flight (at most a
     window). A queued stream costs its header. Sender: the payload stays the caller's; compressed
-    chunks live until every peer has sent them; a file is read one fresh chunk at a time, so at
-    most a window per peer is in memory.
+    chunks live until every peer has sent them; a file is read into a ring of chunk buffers,
+    each reused once its chunk is acked, so about a window is in memory.
 Errors from the network
     A malformed or oversized header, an unknown codec or a decompression failure is logged and
     counted (``rejected_frames``), the stream it names (if any) is failed and its sender told
@@ -437,7 +437,7 @@ class StreamEndpoint:
             raise EncodeError("file meta must not hold arrays; send them as a message")
         layout = msgpack.packb({"name": path.name, "meta": codec.pack_tree(tree)}, use_bin_type=True)
         envelope = Message.create(self.name, peer, channel).envelope
-        source = FileSource(path)
+        source = FileSource(path, self.config.chunk_size)
         try:
             outcome, digest = await self._stream(
                 {peer: pack_envelope(envelope)}, "file", layout, source
@@ -586,6 +586,7 @@ class StreamEndpoint:
                 await out.send([pack_header(header)])
                 await out.wait_until(lambda: out.granted)
                 for seq in range(encoder.chunks):
+                    source.release_through(min(o.acked for o in outs))
                     chunk = tape.get(seq)
                     data = Data(out.sid, seq, chunk.offset, chunk.raw, chunk.codec, chunk.hash)
                     await out.send_chunk(pack_header(data), chunk)

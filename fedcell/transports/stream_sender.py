@@ -3,8 +3,8 @@
 A stream's bytes come from a :class:`ChunkSource`: the raw buffers of an encoded message
 (:class:`PayloadSource`, zero-copy read-only ``memoryview`` slices of the arrays, which a
 transport may send without copying or waiting for their release; a chunk that spans arrays is
-several slices, never concatenated) or a file (:class:`FileSource`, one fresh ``bytes`` per chunk
-read with ``pread``, so memory is bounded by the window whatever the file size).
+several slices, never concatenated) or a file (:class:`FileSource`, a ring of buffers filled with ``preadv`` and reused once their chunk is acked,
+so memory is bounded by the window whatever the file size).
 
 The :class:`ChunkEncoder` turns chunk ``seq`` into an :class:`EncodedChunk` exactly once: it
 compresses (when the stream's codec is not ``none`` and the chunk shrinks by at least
@@ -70,6 +70,9 @@ class ChunkSource(Protocol):
     def samples(self, nbytes: int) -> list[tuple[Buffer, int]]:
         """About ``nbytes`` spread over the source, as ``(bytes, typesize)`` slices."""
 
+    def release_through(self, acked: int) -> None:
+        """Every peer has acked the bytes before ``acked``: their buffers may be reused."""
+
 
 def _sample_offsets(size: int, nbytes: int) -> list[tuple[int, int]]:
     if size == 0 or nbytes <= 0:
@@ -118,6 +121,9 @@ class PayloadSource:
     def typesize_at(self, offset: int) -> int:
         return self._itemsizes[self._index(offset)] if self._views else 1
 
+    def release_through(self, acked: int) -> None:
+        """Nothing to do: the payload's memory is the caller's."""
+
     def samples(self, nbytes: int) -> list[tuple[Buffer, int]]:
         out: list[tuple[Buffer, int]] = []
         for start, length in _sample_offsets(self._size, nbytes):
@@ -128,9 +134,15 @@ class PayloadSource:
 
 
 class FileSource:
-    """A file read chunk by chunk into fresh buffers (memory bounded by the window)."""
+    """A file read chunk by chunk into a ring of reused buffers.
 
-    def __init__(self, path: Path) -> None:
+    A buffer is reused only once the receiver has acked the chunk it held (the transport and the
+    receiver are done with it then), so memory is the window plus a chunk or two whatever the
+    file size, and after the first lap no chunk allocates memory (a fresh 4 MiB allocation per
+    chunk would fragment the allocator's heap and page-fault on every lap).
+    """
+
+    def __init__(self, path: Path, chunk_size: int) -> None:
         self._fd = os.open(path, os.O_RDONLY)
         try:
             self._size = os.fstat(self._fd).st_size
@@ -138,28 +150,38 @@ class FileSource:
             os.close(self._fd)
             raise
         self.path = path
+        self._chunk_size = chunk_size
+        self._free: list[bytearray] = []
+        self._in_use: deque[tuple[int, bytearray]] = deque()  # (end offset, buffer)
 
     @property
     def size(self) -> int:
         return self._size
 
     def read(self, offset: int, length: int) -> list[Buffer]:
-        # A fresh, immutable ``bytes`` per chunk (``pread`` reads straight into it): transports
-        # may hold a frame after ``send`` returns, and send immutable frames without copying.
-        data = os.pread(self._fd, length, offset)
-        while len(data) < length:
-            more = os.pread(self._fd, length - len(data), offset + len(data))
-            if not more:
-                raise StreamError(f"{self.path} shrank to {offset + len(data)} bytes while streaming")
-            data += more
-        return [data]
+        buf = self._free.pop() if self._free else bytearray(self._chunk_size)
+        view = memoryview(buf)[:length]
+        done = 0
+        while done < length:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise StreamError(f"{self.path} shrank to {offset + done} bytes while streaming")
+            done += n
+        self._in_use.append((offset + length, buf))
+        # Read-only: the transport sends it without copying or waiting for its release.
+        return [view.toreadonly()]
+
+    def release_through(self, acked: int) -> None:
+        while self._in_use and self._in_use[0][0] <= acked:
+            self._free.append(self._in_use.popleft()[1])
 
     def typesize_at(self, offset: int) -> int:
         return 1
 
     def samples(self, nbytes: int) -> list[tuple[Buffer, int]]:
         return [
-            (self.read(start, length)[0], 1) for start, length in _sample_offsets(self._size, nbytes)
+            (os.pread(self._fd, length, start), 1)
+            for start, length in _sample_offsets(self._size, nbytes)
         ]
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 
 Each direction between two endpoints is a bounded queue drained by one pump task that calls the
 receiver's ``handle``, as a cell's receive loop would. Frames are copied on the way (the receiver
-never sees the sender's memory). Hooks let a test tamper with, drop, delay or observe frames.
+never sees the sender's memory) unless ``copy=False``. Hooks let a test tamper with, drop, delay or observe frames.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ Observer = Callable[[str, str, Any], None]
 class StreamNet:
     """A set of named endpoints that can stream to each other."""
 
-    def __init__(self, queue_size: int = 64) -> None:
+    def __init__(self, queue_size: int = 64, *, copy: bool = True) -> None:
         self.queue_size = queue_size
+        self.copy = copy
         self.endpoints: dict[str, StreamEndpoint] = {}
         self.delivered: dict[str, asyncio.Queue[Message]] = {}
         self.failures: list[tuple[str, str, int, StreamError]] = []
@@ -55,7 +56,8 @@ class StreamNet:
         return endpoint
 
     async def _send(self, src: str, dst: str, frames: list[Buffer]) -> None:
-        copied = [bytes(f) for f in frames]
+        # copy=False passes read-only views, as the in-process transport does.
+        copied = [bytes(f) if self.copy else memoryview(f).toreadonly() for f in frames]
         for observe in self.observers:
             observe(src, dst, parse_header(copied[0], 1 << 30))
         if self.tamper is not None:

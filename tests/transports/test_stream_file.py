@@ -157,7 +157,7 @@ _CHILD = textwrap.dedent(
     async def main():
         source, inbox = Path(sys.argv[1]), Path(sys.argv[2])
         config = StreamConfig(codec="none")
-        net = StreamNet(queue_size=8)
+        net = StreamNet(queue_size=8, copy=False)
         a = net.add("a", config)
         net.add("b", config, file_sink=directory_sink(inbox))
         started = time.monotonic()
