@@ -18,6 +18,7 @@ from fedcell.errors import (
     StreamError,
     StreamIntegrityError,
     StreamStalledError,
+    UnreachableError,
 )
 from fedcell.transports.message import Message
 from fedcell.transports.stream import StreamConfig, StreamEndpoint
@@ -375,5 +376,28 @@ def test_frames_for_unknown_streams_are_ignored() -> None:
             await _still_serves(net, a)
         finally:
             await net.close()
+
+    asyncio.run(main())
+
+
+def test_a_peer_the_cell_cannot_reach_fails_the_send_and_leaves_nothing_open() -> None:
+    async def main() -> None:
+        # Prepare: the cell's send raises, as it does when no route leads to the peer.
+        async def no_route(peer: str, frames: list[Any]) -> None:
+            raise UnreachableError(f"no route to {peer!r}")
+
+        async def deliver(message: Message) -> None:
+            raise AssertionError("nothing can be delivered")
+
+        endpoint = StreamEndpoint(no_route, deliver, CONFIG, name="a")
+        try:
+            # Execute / Assert
+            with pytest.raises(UnreachableError, match="no route to 'nowhere'"):
+                await endpoint.send_message("nowhere", _message())
+            stats = endpoint.statistics()
+            assert endpoint.streams() == [] and stats.open_outbound == 0
+            assert stats.streams_failed == 1 and stats.streams_sent == 0
+        finally:
+            await endpoint.close()
 
     asyncio.run(main())
