@@ -65,7 +65,8 @@ Broadcast
 Memory
     Receiver: each admitted message costs its size (its arrays, allocated at ``GRANT``; arrays
     of 1 MiB or more reuse the memory of received arrays the application has dropped, up to
-    ``max_inbound_bytes`` of it kept, which spares the page faults of fresh memory), plus one
+    the larger of ``max_inbound_bytes`` and the largest admitted message kept, which spares the
+    page faults of fresh memory), plus one
     chunk of scratch when chunks arrive compressed; a file costs the chunks in flight (at most a
     window). A queued stream costs its header. Sender: the payload stays the caller's; compressed
     chunks live until every peer has sent them; a file is read into a ring of chunk buffers,
@@ -99,9 +100,11 @@ noisier one. Figures in ``docs/benchmarks.md``.
     streamed vs 0.4 ms in one piece, 4 MiB 4.9 vs 2.8 ms. Below 1 MiB that latency buys nothing;
     above it, one-piece messages cost twice their size on the receiver (frame + decoded copy)
     and escape admission control, so many sites sending at once could exhaust a server.
-``max_inbound_bytes = 1 GiB``
-    Admits one 1 GiB model at a time (the FedAvg budget is 2 models of memory), or several
-    smaller ones; a larger model is still admitted alone.
+``max_inbound_bytes = 256 MiB``
+    A server folding N models of S bytes in time holds the aggregate plus what is assembling:
+    at most ``max(S, 256 MiB)`` here (a model above the budget is admitted alone), so
+    ``2·S + 256 MiB`` whatever N and S, the FedAvg memory budget. Several small models still
+    assemble at once.
 ``link_throughput_hint = 125 MB/s``
     1 Gbit/s until the acks have measured the link: a first stream to a slow WAN peer is
     compressed if it pays, and the first stream over loopback may be compressed needlessly once
@@ -228,7 +231,7 @@ class StreamConfig:
     window: int = 32 * MiB
     stall_timeout: float = 30.0
     codec: str = "auto"
-    max_inbound_bytes: int = 1 * GiB
+    max_inbound_bytes: int = 256 * MiB
     link_throughput_hint: float = 125e6
     codec_candidates: tuple[str, ...] = ("blosc2-lz4", "blosc2-zstd")
     sample_bytes: int = 256 * KiB
@@ -709,6 +712,7 @@ class StreamEndpoint:
                 self._fail_inbound(stream, error, notify=True)
                 continue
             self._admitted_bytes += stream.cost
+            self._pool.make_room_for(stream.cost if stream.kind == "message" else 0)
             self._stats.peak_inbound_bytes_admitted = max(
                 self._stats.peak_inbound_bytes_admitted, self._admitted_bytes
             )

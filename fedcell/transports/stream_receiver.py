@@ -117,9 +117,10 @@ class ArrayPool:
     lives in its own anonymous ``mmap`` region; a ``weakref.finalize`` on the region's base
     array (which every numpy view and every tensor made from it keeps alive) hands the region
     back when the last view dies, and the next array of that size reuses it, already faulted in.
-    At most ``capacity`` bytes wait in the pool (the endpoint passes its admission budget), and
-    each fresh allocation evicts as many pooled bytes of other sizes, so memory that does not
-    get reused does not stay. Regions hold stale bytes, which is safe: a stream is delivered only after
+    At most ``capacity`` bytes wait in the pool (the admission budget, raised to the largest
+    admitted message: that much is in use while it assembles anyway), and each fresh allocation
+    evicts as many pooled bytes of other sizes, so memory that does not get reused does not
+    stay. Regions hold stale bytes, which is safe: a stream is delivered only after
     every byte was written. Finalizers may run on any thread, hence the lock.
     """
 
@@ -175,6 +176,12 @@ class ArrayPool:
             if not self._closed and self._free_bytes + size <= self.capacity:
                 self._free.setdefault(size, []).append(region)
                 self._free_bytes += size
+
+    def make_room_for(self, nbytes: int) -> None:
+        """Keep up to ``nbytes`` (a message just admitted) when its arrays are dropped: a
+        server then reuses one model's memory round after round, even above the budget."""
+        with self._lock:
+            self.capacity = max(self.capacity, nbytes)
 
     @property
     def free_bytes(self) -> int:
