@@ -190,8 +190,11 @@ class WeightedMean:
         self,
         reference: Mapping[str, Any] | None,
         weigh_by: str | None = "NUM_STEPS_CURRENT_ROUND",
+        *,
+        adopt_results: bool = False,
     ) -> None:
         self.reference: Mapping[str, Any] = reference if reference is not None else {}
+        self.adopt_results = adopt_results
         self._averages_params = reference is not None
         self.weigh_by = weigh_by
         elements = sum(int(np.prod(tuple(v.shape))) for v in self.reference.values())
@@ -248,6 +251,11 @@ class WeightedMean:
                 )
         for name, value in params.items():
             if name not in self._sums:
+                self._weights[name] = weight
+                adopted = self._adopt(name, value, weight)
+                if adopted is not None:
+                    self._sums[name] = adopted
+                    continue
                 self._sums[name] = zeros_like(self.reference[name], self._precision_of(name))
                 self._weights[name] = 0.0
             add_into(self._sums[name], value, weight)
@@ -257,6 +265,35 @@ class WeightedMean:
                 self._metric_sums[name] = self._metric_sums.get(name, 0.0) + weight * metric
                 self._metric_weights[name] = self._metric_weights.get(name, 0.0) + weight
         self.count += 1
+
+    def _adopt(self, name: str, value: Any, weight: float) -> Any | None:
+        """Use a key's first result as its accumulator (scaled in place) instead of allocating
+        one: a large model's round then holds the global model, one accumulator and the result
+        arriving, not a separate accumulator besides. Only with ``adopt_results`` (the caller
+        hands results over, as a dispatcher does with the copies it decoded), only an array of
+        the accumulator's library and precision that is writable, contiguous and shares no
+        memory with the global model."""
+        reference = self.reference[name]
+        if not self.adopt_results or _float_dtype_name(value) != self._precision_of(name):
+            return None
+        if isinstance(reference, np.ndarray):
+            if not (
+                isinstance(value, np.ndarray)
+                and value.flags.writeable
+                and value.flags.c_contiguous
+                and not np.may_share_memory(value, reference)
+            ):
+                return None
+        elif not (
+            is_tensor(value)
+            and value.is_contiguous()
+            and value.device == reference.device
+            and value.untyped_storage().data_ptr() != reference.untyped_storage().data_ptr()
+        ):
+            return None
+        if weight != 1.0:
+            value *= weight
+        return value
 
     def _precision_of(self, name: str) -> str:
         if _float_dtype_name(self.reference[name]) == "float64":

@@ -250,6 +250,7 @@ class ScatterGather(Controller):
             # with it the cells' heartbeats, running meanwhile.
             progress = _Progress(await asyncio.to_thread(self._initial_params, ctx))
         global_params, history, state = progress.params, progress.history, progress.server_state
+        progress.params = {}  # the round loop owns the global model: no second reference to S bytes
         metrics, stopped_early = progress.metrics, progress.stopped
         current_round = max(progress.next_round - 1, 0)
         first_round = self.rounds if stopped_early else progress.next_round
@@ -265,7 +266,8 @@ class ScatterGather(Controller):
                 ),
                 props=dict(self.task_props),
             )
-            mean = WeightedMean(global_params, self.weigh_by)
+            # Results come from the dispatcher, decoded for us: fold the first one in place.
+            mean = WeightedMean(global_params, self.weigh_by, adopt_results=True)
             results = await self._gather(ctx, task, targets, needed, mean, current_round)
             global_params = self.server_update(global_params, mean, state)
             metrics = mean.metrics()

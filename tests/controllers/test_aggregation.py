@@ -192,3 +192,36 @@ def test_blocked_numpy_accumulation_matches_the_plain_formula(
     aggregation.add_into(accumulator, value, 0.5)
 
     np.testing.assert_array_equal(accumulator, 1.0 + 0.5 * value.astype(np.float64))
+
+
+def test_first_result_becomes_the_accumulator_when_results_are_handed_over() -> None:
+    # Prepare: float64 weights (accumulated at float64), two results owned by the aggregator.
+    reference = {"w": np.zeros(4, dtype=np.float64)}
+    first = np.array([1.0, 2.0, 3.0, 4.0])
+    second = np.array([3.0, 2.0, 1.0, 0.0])
+    expected = first * 0.25 + second * 0.75
+    mean = WeightedMean(reference, adopt_results=True)
+    # Execute
+    mean.add(FLModel(params={"w": first}, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+    mean.add(FLModel(params={"w": second}, meta={"NUM_STEPS_CURRENT_ROUND": 3}))
+    result = mean.mean()["w"]
+    # Assert: no accumulator was allocated (the first result holds the sum), the mean is right.
+    assert np.shares_memory(result, first)
+    np.testing.assert_allclose(result, expected)
+
+
+@pytest.mark.parametrize("adopt", [False, True])
+def test_results_that_are_not_handed_over_or_alias_the_global_model_are_not_modified(
+    adopt: bool,
+) -> None:
+    reference = {"w": np.ones(3, dtype=np.float64)}
+    aliased = reference["w"]  # a site that answered with the global model itself
+    mine = np.full(3, 5.0)
+    mean = WeightedMean(reference, adopt_results=adopt)
+    mean.add(FLModel(params={"w": aliased if adopt else mine}, meta={"NUM_STEPS_CURRENT_ROUND": 2}))
+    mean.add(FLModel(params={"w": np.full(3, 3.0)}, meta={"NUM_STEPS_CURRENT_ROUND": 2}))
+    result = mean.mean()["w"]
+    assert reference["w"].tolist() == [1.0, 1.0, 1.0]
+    assert mine.tolist() == [5.0, 5.0, 5.0]
+    assert not np.shares_memory(result, reference["w"])
+    np.testing.assert_allclose(result, np.full(3, 2.0 if adopt else 4.0))
