@@ -250,6 +250,18 @@ def _rearm(sock: zmq.asyncio.Socket) -> None:
     sock._schedule_remaining_events()  # type: ignore[operator]  # private, see docstring
 
 
+async def _next_message(sock: zmq.asyncio.Socket, sync: zmq.Socket[bytes]) -> list[zmq.Frame]:
+    """The next message of ``sock``: a non-blocking read first (no future for a queued message,
+    the common case in a burst), else an asyncio wait."""
+    try:
+        return sync.recv_multipart(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        pass
+    finally:
+        _rearm(sock)
+    return await sock.recv_multipart(copy=False)
+
+
 class _Mailbox:
     """A bounded FIFO between one reader task and ``recv`` callers.
 
@@ -554,7 +566,7 @@ class ZmqClientConnection(ZmqConnection):
         threshold = self._options.copy_threshold
         try:
             while True:
-                message = await self._dealer.recv_multipart(copy=False)
+                message = await _next_message(self._dealer, self._sync)
                 if message[0].bytes != TAG_DATA:
                     logger.warning("dropped a message without a data tag from %s", self.peer)
                     continue
@@ -727,7 +739,7 @@ class ZmqListener(Listener):
         secured = self._release_security is not None  # only then do messages carry a User-Id
         while True:
             try:
-                message = await self._router.recv_multipart(copy=False)
+                message = await _next_message(self._router, self._router_sync)
             except zmq.ZMQError as exc:
                 logger.error("listener %s cannot receive, closing: %s", self.url, exc)
                 self._close_connections()
