@@ -27,8 +27,8 @@ from typing import Any
 
 from fedcell.engine.cell_dispatcher import ABANDON_CHANNEL, TASK_CHANNEL
 from fedcell.engine.dispatcher import Task, TaskResult
+from fedcell.engine.executor import Executor, SiteContext, run_task
 from fedcell.errors import ConfigError
-from fedcell.executors.base import Executor, SiteContext, run_task
 from fedcell.transports.cell import Cell
 from fedcell.transports.message import Message
 

@@ -1,23 +1,9 @@
 """Executors: the site-side half of a task, and the registry that names them.
 
-A controller (server side) dispatches a :class:`~fedcell.engine.dispatcher.Task`; at each site the
-runtime hands it to the executor registered for the task's name and turns the outcome into a
-:class:`~fedcell.engine.dispatcher.TaskResult`. An executor's life in one job::
-
-    await executor.start(site)        once, before the first task (launch a script, build a model)
-    await executor.execute(task)      per task; returns the result data (usually an FLModel)
-    await executor.stop()             once, when the job ends (idempotent)
-
-Outcomes keep user faults apart from lost work, as the dispatcher's statuses do:
-
-- ``execute`` returns the result data → ``"ok"``;
-- it raises :class:`~fedcell.errors.TaskFailedError` (user code raised; the message carries the
-  traceback text) or any other exception → ``"failed"``;
-- it raises :class:`~fedcell.errors.SiteCrashedError` (the training process died, a script exited
-  without answering) → ``"crashed"``.
-
-:func:`run_task` applies exactly that mapping; site runtimes and tests use it so the mapping
-lives in one place.
+The interface a site runtime drives — :class:`Executor`, :class:`SiteContext` and
+:func:`run_task` (an executor's outcome → ``ok``/``failed``/``crashed``) — is defined in
+:mod:`fedcell.engine.executor` (the engine depends on it) and re-exported here for executor
+authors.
 
 Executors are dataclasses: their fields are their whole configuration, so a job can export and
 rebuild them (the job folder format is the engine's business) and ``repr`` shows what runs.
@@ -33,17 +19,14 @@ Nothing scans folders.
 
 from __future__ import annotations
 
-import abc
 import importlib
-import logging
 import traceback
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any
 
-from fedcell.engine.dispatcher import Task, TaskResult
-from fedcell.errors import ConfigError, SiteCrashedError, TaskFailedError
+from fedcell.engine.dispatcher import Task
+from fedcell.engine.executor import Executor, SiteContext, run_task
+from fedcell.errors import ConfigError, TaskFailedError
 from fedcell.fl_model import FLModel
 
 __all__ = [
@@ -69,73 +52,6 @@ BUILTINS: dict[str, str] = {
 }
 
 _registered: dict[str, type[Executor]] = {}
-
-
-@dataclass
-class SiteContext:
-    """What an executor learns about the site and job it serves.
-
-    Attributes
-    ----------
-    site_name:
-        This site's name (``site-1``).
-    job_id:
-        The running job's id.
-    workspace:
-        A folder the executor may write to for this job (``None``: use a temporary one).
-    logger:
-        The site log; executors send user-code output and log records here.
-    """
-
-    site_name: str
-    job_id: str
-    workspace: Path | None = None
-    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("fedcell.site"))
-
-
-@dataclass
-class Executor(abc.ABC):
-    """Runs tasks at a site. Subclasses are dataclasses whose fields are their configuration."""
-
-    @property
-    @abc.abstractmethod
-    def task_names(self) -> tuple[str, ...]:
-        """The task names this executor answers (job validation matches them to controllers)."""
-
-    async def start(self, site: SiteContext) -> None:
-        """Prepare for the job (launch a process, build a model). Called once, before tasks."""
-
-    @abc.abstractmethod
-    async def execute(self, task: Task) -> Any:
-        """Run one task and return its result data.
-
-        Raises
-        ------
-        TaskFailedError
-            User code raised; the message holds its traceback.
-        SiteCrashedError
-            The code running the task was lost (process died, script exited early).
-        """
-
-    async def stop(self) -> None:
-        """Release everything ``start`` acquired. Idempotent."""
-
-
-async def run_task(executor: Executor, task: Task, site_name: str) -> TaskResult:
-    """Run ``task`` on ``executor`` and map the outcome to a :class:`TaskResult`.
-
-    ``TaskFailedError`` and any other exception give status ``"failed"`` (the error text holds
-    the traceback), ``SiteCrashedError`` gives ``"crashed"``. Cancellation propagates.
-    """
-    try:
-        data = await executor.execute(task)
-    except SiteCrashedError as exc:
-        return TaskResult(site_name, task.name, "crashed", error=str(exc))
-    except TaskFailedError as exc:
-        return TaskResult(site_name, task.name, "failed", error=str(exc))
-    except Exception:
-        return TaskResult(site_name, task.name, "failed", error=traceback.format_exc())
-    return TaskResult(site_name, task.name, "ok", data=data)
 
 
 def task_model(task: Task) -> FLModel:
