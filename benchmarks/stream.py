@@ -20,7 +20,7 @@ for raw pyzmq alike, over ``tcp://127.0.0.1`` and ``ipc://``:
 Time runs from the sender's ``send`` call to the receiver holding the last byte (for fedcell:
 the handler being called with the verified message), on the monotonic clock, which Linux shares
 between processes. Each process first moves one warm-up payload (at most 64 MiB); sizes up to
-1 GiB are repeated and the median is kept. Peak RSS is each process's ``ru_maxrss`` after the
+1 GiB are repeated and the median is kept. Peak RSS is each process's ``VmHWM`` after the
 run (the receiver's includes the interpreter and imports: about 60 MiB).
 
 Also measured: file-to-file streaming between two cell processes (peak RSS of both), and blosc2
@@ -55,7 +55,13 @@ DONE = b"done"
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS (``VmHWM``; ``ru_maxrss`` would include the parent's size,
+    which Linux carries over ``exec``)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def make_model(size: int) -> dict[str, np.ndarray]:
