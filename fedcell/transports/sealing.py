@@ -559,7 +559,7 @@ class Sealer:
         chunks = self._check_chunks(sealed.chunks, header)
         try:
             sender_certificate = x509.load_der_x509_certificate(sealed.sender_certificate)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
             raise SealError(f"sender certificate of a message from {sender!r} does not parse: "
                             f"{exc}") from exc
         self._check_certificate(sender_certificate, header.sender, "sender")
@@ -1034,7 +1034,7 @@ class CertificateBook:
             )
         try:
             return x509.load_der_x509_certificate(der)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise SealError(
                 f"directory {self._directory!r} sent an unparsable certificate for "
                 f"{cell_name!r}: {exc}"
