@@ -15,7 +15,8 @@ and ``ipc://``. The payload is a numpy buffer sent as ``chunk`` messages:
   ``send`` waits until ZeroMQ released the buffer (so the caller may reuse it).
 
 Time runs from the sender's first send to the receiver holding the last byte (the monotonic
-clock is shared between processes on Linux). One 64 MiB warm-up, then ``reps`` timed transfers
+clock is shared between processes on Linux); the receiver acknowledges each transfer before the
+next starts, the same way for both contenders. One 64 MiB warm-up, then ``reps`` timed transfers
 per process pair; the contenders alternate ``rounds`` times so that load from elsewhere hits both.
 Reported: median and best in GB/s (1e9 bytes per second), and the ratio of the medians.
 """
@@ -45,33 +46,46 @@ def _chunks(view: memoryview, size: int, chunk: int) -> list[memoryview]:
     return [view[i : min(i + chunk, size)] for i in range(0, size, chunk)]
 
 
+def _ack_url(url: str) -> str:
+    return "tcp://127.0.0.1:0" if url.startswith("tcp://") else f"{url}.ack"
+
+
 def raw_pull(url: str, sizes: list[int], chunk: int) -> list[float]:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
+    acks = ctx.socket(zmq.PUSH)  # per transfer, as the fedcell receiver replies on its connection
     sock.bind(url)
-    print(json.dumps({"url": sock.get_string(zmq.LAST_ENDPOINT)}), flush=True)
+    acks.bind(_ack_url(url))
+    endpoints = [sock.get_string(zmq.LAST_ENDPOINT), acks.get_string(zmq.LAST_ENDPOINT)]
+    print(json.dumps({"url": " ".join(endpoints)}), flush=True)
     durations = []
     for size in sizes:
         t0 = struct.unpack("<d", sock.recv())[0]
         frames = [sock.recv(copy=False) for _ in range(-(-size // chunk))]
         durations.append(time.monotonic() - t0)
         del frames
+        acks.send(b"ok")
     sock.close(linger=0)
+    acks.close(linger=-1)
     ctx.term()
     return durations
 
 
-def raw_push(url: str, sizes: list[int], chunk: int) -> None:
+def raw_push(urls: str, sizes: list[int], chunk: int) -> None:
+    url, ack_url = urls.split(" ")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
+    acks = ctx.socket(zmq.PULL)
     sock.connect(url)
+    acks.connect(ack_url)
     view = memoryview(np.ones(max(sizes), dtype=np.uint8))
     for size in sizes:
         sock.send(struct.pack("<d", time.monotonic()))
         for part in _chunks(view, size, chunk):
             sock.send(part, copy=False)
-        time.sleep(0.5)  # let the receiver finish before the next rep starts
+        acks.recv()
     sock.close(linger=-1)
+    acks.close(linger=0)
     ctx.term()
 
 
