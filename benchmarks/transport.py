@@ -9,6 +9,8 @@ and ``ipc://``. The payload is a numpy buffer sent as ``chunk`` messages:
 
 - **raw pyzmq**: PUSH ``send(view, copy=False)`` without tracking; PULL ``recv(copy=False)``
   keeping every frame (a receiver of a model holds it all).
+- **raw multipart**: DEALER/ROUTER sending ``[tag, data]``, the ZmqTransport wire format, so
+  the cost of multipart messages shows apart from the transport's own.
 - **fedcell**: ``ZmqConnection.send([view])`` on a client connection, zero-copy; the listener's
   connection ``recv()`` keeping every frame. ``--payload readonly`` (default) sends read-only
   views, as the stream layer should; ``--payload writable`` sends writable ones, for which
@@ -18,7 +20,7 @@ Time runs from the sender's first send to the receiver holding the last byte (th
 clock is shared between processes on Linux); the receiver acknowledges each transfer before the
 next starts, the same way for both contenders. One 64 MiB warm-up, then ``reps`` timed transfers
 per process pair; the contenders alternate ``rounds`` times so that load from elsewhere hits both.
-Reported: median and best in GB/s (1e9 bytes per second), and the ratio of the medians.
+Reported: median and best in GB/s (1e9 bytes per second), and each median over raw PUSH/PULL's.
 """
 
 from __future__ import annotations
@@ -89,6 +91,38 @@ def raw_push(urls: str, sizes: list[int], chunk: int) -> None:
     ctx.term()
 
 
+def multipart_pull(url: str, sizes: list[int], chunk: int) -> list[float]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(url)
+    print(json.dumps({"url": sock.get_string(zmq.LAST_ENDPOINT)}), flush=True)
+    durations = []
+    for size in sizes:
+        identity, _, header = sock.recv_multipart()
+        t0 = struct.unpack("<d", header)[0]
+        frames = [sock.recv_multipart(copy=False) for _ in range(-(-size // chunk))]
+        durations.append(time.monotonic() - t0)
+        del frames
+        sock.send_multipart([identity, b"ok"])
+    sock.close(linger=-1)
+    ctx.term()
+    return durations
+
+
+def multipart_push(url: str, sizes: list[int], chunk: int) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(url)
+    view = memoryview(np.ones(max(sizes), dtype=np.uint8))
+    for size in sizes:
+        sock.send_multipart([b"\x01", struct.pack("<d", time.monotonic())])
+        for part in _chunks(view, size, chunk):
+            sock.send_multipart([b"\x01", part], copy=False)
+        sock.recv()
+    sock.close(linger=-1)
+    ctx.term()
+
+
 async def fedcell_pull(url: str, sizes: list[int], chunk: int) -> list[float]:
     from fedcell.transports.zmq_transport import ZmqTransport
 
@@ -126,6 +160,10 @@ def child(role: str, url: str, sizes: list[int], chunk: int) -> None:
         print(json.dumps({"durations": raw_pull(url, sizes, chunk)}), flush=True)
     elif role == "raw_push":
         raw_push(url, sizes, chunk)
+    elif role == "multipart_pull":
+        print(json.dumps({"durations": multipart_pull(url, sizes, chunk)}), flush=True)
+    elif role == "multipart_push":
+        multipart_push(url, sizes, chunk)
     elif role == "fedcell_pull":
         durations = asyncio.run(fedcell_pull(url, sizes, chunk))
         print(json.dumps({"durations": durations}), flush=True)
@@ -148,6 +186,13 @@ def measure(contender: str, url: str, sizes: list[int], chunk: int, payload: str
     result: dict[str, Any] = json.loads(receiver.stdout.readline())
     receiver.wait()
     return [sizes[-1] / duration / 1e9 for duration in result["durations"][1:]]
+
+
+CONTENDERS = {
+    "raw": "raw pyzmq PUSH/PULL, one frame",
+    "multipart": "raw pyzmq DEALER/ROUTER, [tag, data]",
+    "fedcell": "ZmqTransport",
+}
 
 
 def main() -> None:
@@ -175,19 +220,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         urls = {"tcp": "tcp://127.0.0.1:0", "ipc": f"ipc://{tmp}/bench.sock"}
         for url in (urls[scheme] for scheme in options.schemes):
-            raw: list[float] = []
-            ours: list[float] = []
-            for _ in range(options.rounds):  # alternate, so load from elsewhere hits both
-                raw += measure("raw", url, sizes, chunk, options.payload)
-                ours += measure("fedcell", url, sizes, chunk, options.payload)
-            scheme = url.partition(":")[0]
-            ratio = statistics.median(ours) / statistics.median(raw)
+            rates: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+            for _ in range(options.rounds):  # alternate, so load from elsewhere hits all
+                for name in CONTENDERS:
+                    rates[name] += measure(name, url, sizes, chunk, options.payload)
+            raw = statistics.median(rates["raw"])
             print(
-                f"{scheme}: {options.size_mib} MiB in {options.chunk_mib} MiB messages, GB/s "
-                f"median (best) of {len(raw)}: raw pyzmq {statistics.median(raw):.2f} "
-                f"({max(raw):.2f}), ZmqTransport/{options.payload} {statistics.median(ours):.2f} "
-                f"({max(ours):.2f}); ratio of medians {ratio:.2f}"
+                f"{url.partition(':')[0]}: {options.size_mib} MiB in {options.chunk_mib} MiB messages"
             )
+            for name, label in CONTENDERS.items():
+                median = statistics.median(rates[name])
+                print(
+                    f"  {label:<38} {median:5.2f} GB/s median, {max(rates[name]):5.2f} best "
+                    f"of {len(rates[name])}; {median / raw:.2f}x raw"
+                )
 
 
 if __name__ == "__main__":
