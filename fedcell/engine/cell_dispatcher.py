@@ -102,6 +102,7 @@ class _CellTaskHandle(TaskHandle):
         )
         async for site, reply in replies:
             self.deliver(self._result(site, reply))
+            del reply  # hold no result while waiting for the next one
 
     def _result(self, site: str, reply: object) -> TaskResult:
         name = self.task.name

@@ -781,6 +781,8 @@ class Cell:
             future: asyncio.Future[Any] = loop.create_future()
             waiting[future] = name
             self._pending[(base.msg_id, name)] = _Pending(future, via)
+        streaming: asyncio.Future[dict[str, BaseException | None]] | None = None
+        by_name: dict[str, asyncio.Future[Any]] = {}
         try:
             stream_targets: list[str] = []
             for future, name in waiting.items():
@@ -796,13 +798,17 @@ class Cell:
                 except FedcellError as exc:
                     _fail_unless_done(future, exc)
             if stream_targets and self._stream is not None:
-                failures = await self._stream.broadcast_message(
-                    stream_targets, Message(replace(base, receiver=stream_targets[0]), payload)
+                # Stream to every target in the background and hand replies over meanwhile: a
+                # fast site's reply must not wait (held in memory) for the slowest site's copy.
+                # ``by_name`` loses each future as its reply is handed over (a future holds its
+                # reply: keeping them all would keep every reply of the broadcast alive).
+                by_name.update((name, future) for future, name in waiting.items())
+                streaming = asyncio.ensure_future(
+                    self._stream.broadcast_message(
+                        stream_targets, Message(replace(base, receiver=stream_targets[0]), payload)
+                    )
                 )
-                by_name = {name: future for future, name in waiting.items()}
-                for name, failure in failures.items():
-                    if failure is not None:
-                        _fail_unless_done(by_name[name], failure)
+                streaming.add_done_callback(functools.partial(_fail_streams, by_name))
             for name, unreachable_error in unreachable:
                 yield name, unreachable_error
             deadline = loop.time() + timeout
@@ -810,11 +816,9 @@ class Cell:
                 done, _ = await asyncio.wait(
                     waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
                 )
-                for future in done:
-                    name = waiting.pop(future)
-                    self._pending.pop((base.msg_id, name), None)
-                    failure = future.exception()
-                    yield name, failure if failure is not None else future.result()
+                while done:
+                    # No local keeps the reply: once yielded, only the consumer holds it.
+                    yield self._hand_over(done.pop(), waiting, by_name, base.msg_id)
             for future, name in list(waiting.items()):
                 del waiting[future]
                 self._pending.pop((base.msg_id, name), None)
@@ -828,6 +832,25 @@ class Cell:
         finally:
             for name in waiting.values():
                 self._pending.pop((base.msg_id, name), None)
+            if streaming is not None and not streaming.done():
+                streaming.cancel()
+                with contextlib.suppress(asyncio.CancelledError, FedcellError):
+                    await streaming
+
+    def _hand_over(
+        self,
+        future: asyncio.Future[Any],
+        waiting: dict[asyncio.Future[Any], str],
+        by_name: dict[str, asyncio.Future[Any]],
+        msg_id: str,
+    ) -> tuple[str, Any]:
+        """Forget a broadcast target's completed reply future; return ``(target, reply or
+        exception)``."""
+        name = waiting.pop(future)
+        by_name.pop(name, None)
+        self._pending.pop((msg_id, name), None)
+        failure = future.exception()
+        return name, failure if failure is not None else future.result()
 
     async def send_file(
         self,
@@ -1425,6 +1448,24 @@ async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
 def _fail_unless_done(future: asyncio.Future[Any], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _fail_streams(
+    futures: Mapping[str, asyncio.Future[Any]],
+    streaming: asyncio.Future[dict[str, BaseException | None]],
+) -> None:
+    """Fail the reply futures of the targets a background broadcast stream could not reach."""
+    if streaming.cancelled():
+        return
+    failure = streaming.exception()
+    if failure is not None:
+        for waiting in futures.values():
+            _fail_unless_done(waiting, failure)
+        return
+    for name, error in streaming.result().items():
+        pending = futures.get(name)  # absent: its reply was already handed over
+        if error is not None and pending is not None:
+            _fail_unless_done(pending, error)
 
 
 def _error_from_payload(payload: Any, sender: str) -> CellError:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -154,3 +156,36 @@ def test_a_streamed_request_to_a_peer_that_goes_silent_fails_as_unreachable() ->
 async def _until(predicate: Callable[[], bool]) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+def test_a_streamed_broadcast_keeps_no_reply_once_it_is_handed_over() -> None:
+    # In-time aggregation over cells: a consumer that drops each reply must hold one at a time,
+    # even while the broadcast is still waiting for slower targets.
+    async def main() -> None:
+        async with star() as cells:
+            release = asyncio.Event()
+
+            async def slow_double(message: Message) -> Any:
+                await release.wait()
+                return await double(message)
+
+            cells["site-3"].unregister("double")
+            cells["site-3"].register("double", slow_double)
+            replies = cells["server"].broadcast_replies(
+                ["site-1", "site-2", "site-3"], "double", model(0), timeout=10
+            )
+            # Execute: take the two fast replies, keep only weak references to them.
+            fast = []
+            for _ in range(2):
+                site, reply = await anext(replies)
+                fast.append(weakref.ref(reply["w"]))
+                del reply
+            gc.collect()
+            # Assert: neither fast reply is still held by the cell while site-3 works.
+            assert all(ref() is None for ref in fast)
+            release.set()
+            site, reply = await anext(replies)
+            assert site == "site-3" and np.array_equal(reply["w"], model(0)["w"] * 2)
+            await replies.aclose()
+
+    asyncio.run(main())
