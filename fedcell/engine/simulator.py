@@ -58,7 +58,6 @@ from fedcell.engine.site_runtime import SiteRuntime
 from fedcell.errors import ConfigError, JobError
 from fedcell.fl_model import FLModel
 from fedcell.transports.cell import Cell, CellConfig
-from fedcell.transports.stream import StreamConfig
 
 __all__ = [
     "SimulationResult",
@@ -181,10 +180,6 @@ async def run_simulation(
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-#: The server's budget for partially received messages (one large model is always admitted).
-SERVER_INBOUND_BYTES = 256 * 1024 * 1024
-
-
 def _threads_per_site(n_sites: int) -> int:
     return max(1, (os.cpu_count() or 1) // n_sites)
 
@@ -220,13 +215,14 @@ def _shared_cpus(n_sites: int) -> Iterator[None]:
 
 
 def server_config(n_sites: int) -> CellConfig:
-    """The server cell's settings for a job of ``n_sites`` sites (heartbeats, inbound budget)."""
+    """The server cell's settings for a job of ``n_sites`` sites.
+
+    Results of all sites stream in at once; the stream layer's default inbound budget
+    (256 MiB, one large model always admitted) assembles about one large result at a time.
+    """
     # Many in-process sites share one core: space heartbeats out so they stay cheap.
     interval = 1.0 if n_sites <= 64 else 5.0
-    # Results of all sites stream in at once: admit about one large model at a time, so the
-    # server holds the global model, the accumulator and one incoming result, flat in N.
-    streams = StreamConfig(max_inbound_bytes=SERVER_INBOUND_BYTES)
-    return CellConfig(heartbeat_interval=interval, peer_timeout=interval * 10, stream=streams)
+    return CellConfig(heartbeat_interval=interval, peer_timeout=interval * 10)
 
 
 async def _run_threads(
