@@ -34,6 +34,12 @@ Progress is reported per hop (``ctx.report(hops done, rounds × sites)``).
 The first model comes from exactly one of ``initial_params``, ``model``
 (``"package.module:factory"``) or the one upstream DAG node whose output is an FLModel, as for
 :class:`~fedcell.controllers.scatter_gather.ScatterGather`.
+
+Crash-resume: after each completed lap the node checkpoints (``ctx.checkpoint``) the relayed
+model, its metrics, the history, the orders so far and the shuffler's state; a run resumed from
+it (``ctx.restored``) starts with the next lap and ends exactly as the uninterrupted run would
+(the same orders, the same model), with ``meta["resumed_at"]`` listing the laps it resumed at.
+A lap interrupted mid-way is rerun from its start.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import numpy as np
 from fedcell.controllers.aggregation import is_tensor
 from fedcell.controllers.initial_model import initial_params
 from fedcell.engine.dispatcher import Controller, ControllerContext, Task, TaskResult
-from fedcell.errors import ConfigError, ProtocolError, TooFewResultsError
+from fedcell.errors import CheckpointError, ConfigError, ProtocolError, TooFewResultsError
 from fedcell.fl_model import FLModel, ParamsType
 
 __all__ = ["Cyclic"]
@@ -172,12 +178,19 @@ class Cyclic(Controller):
         unknown = [site for site in targets if site not in ctx.dispatcher.sites]
         if unknown:
             raise ConfigError(f"Cyclic node {ctx.node!r}: {unknown} are not sites of the job")
-        # A factory or checkpoint can take seconds: keep the loop (and heartbeats) running.
-        relayed = _Relayed(await asyncio.to_thread(self._initial_params, ctx))
         shuffler = random.Random(self.seed)
         history: list[dict[str, Any]] = []
         orders: list[list[str]] = []
-        for lap in range(self.rounds):
+        resumed_at: list[int] = []
+        first_lap = 0
+        if ctx.restored is not None:
+            relayed, first_lap = _restore(ctx, shuffler, history, orders, resumed_at)
+            resumed_at.append(first_lap)
+            ctx.logger.info("%s resumes at lap %d", ctx.node, first_lap + 1)
+        else:
+            # A factory or checkpoint can take seconds: keep the loop (and heartbeats) running.
+            relayed = _Relayed(await asyncio.to_thread(self._initial_params, ctx))
+        for lap in range(first_lap, self.rounds):
             order = self._lap_order(targets, shuffler, orders[-1][-1] if orders else None)
             orders.append(order)
             records: list[dict[str, Any]] = []
@@ -195,13 +208,28 @@ class Cyclic(Controller):
                 ctx.node, lap + 1, self.rounds, order,
                 sum(record["status"] == "ok" for record in records), relayed.metrics,
             )  # fmt: skip
+            # After each completed lap: everything needed to go on from the next one.
+            await ctx.checkpoint(
+                {
+                    "next_lap": lap + 1,
+                    "params": relayed.params,
+                    "metrics": relayed.metrics,
+                    "history": history,
+                    "orders": orders,
+                    "shuffler": shuffler.getstate(),
+                    "resumed_at": resumed_at,
+                }
+            )
+        meta: dict[str, Any] = {"history": history, "orders": orders}
+        if resumed_at:
+            meta["resumed_at"] = resumed_at
         return FLModel(
             params=relayed.params,
             params_type=ParamsType.FULL,
             metrics=relayed.metrics,
             current_round=self.rounds - 1,
             total_rounds=self.rounds,
-            meta={"history": history, "orders": orders},
+            meta=meta,
         )
 
     def _lap_order(
@@ -285,6 +313,36 @@ class _Relayed:
 
     params: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _restore(
+    ctx: ControllerContext,
+    shuffler: random.Random,
+    history: list[dict[str, Any]],
+    orders: list[list[str]],
+    resumed_at: list[int],
+) -> tuple[_Relayed, int]:
+    """Rebuild a run from the state its last completed lap saved; return the model and the
+    next lap (``history``, ``orders``, ``resumed_at`` and the shuffler are filled in place).
+
+    Raises
+    ------
+    CheckpointError
+        If the restored state is not a cyclic state.
+    """
+    saved = ctx.restored
+    try:
+        relayed = _Relayed(dict(saved["params"]), dict(saved["metrics"]))
+        next_lap = int(saved["next_lap"])
+        history.extend(saved["history"])
+        orders.extend(list(order) for order in saved["orders"])
+        resumed_at.extend(saved["resumed_at"])
+        shuffler.setstate(saved["shuffler"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"node {ctx.node!r}: its checkpoint is not a cyclic state: {exc!r}"
+        ) from exc
+    return relayed, next_lap
 
 
 def _checked_model(
