@@ -46,6 +46,11 @@ Output (plain data, so it can go into job results as JSON)::
 It is also written to ``<node workspace>/cross_site_eval.json`` when the node has a workspace,
 and logged as a table (:func:`matrix_table` renders it with rich, showing ``metric`` or every
 metric).
+
+Crash-resume: after each model's row is complete (a global model evaluated everywhere, or a
+site's local model fetched — or refused — and evaluated everywhere) the node checkpoints the
+matrix so far and the steps done; a resumed run skips those steps and ends with the same matrix.
+A model interrupted mid-row is evaluated again from its start.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedcell.engine.dispatcher import Controller, ControllerContext, Task, TaskResult
-from fedcell.errors import ConfigError, ProtocolError, TooFewResultsError
+from fedcell.errors import CheckpointError, ConfigError, ProtocolError, TooFewResultsError
 from fedcell.fl_model import FLModel, ParamsType
 
 __all__ = [
@@ -224,16 +229,24 @@ class CrossSiteEval(Controller):
         if clashing and self.models == "both":
             raise ConfigError(f"{owner}: upstream node(s) {clashing} are named like sites")
         evaluation = _Evaluation(targets)
+        done: list[str] = []  # steps completed: "global:<node>", "local:<site>"
+        if ctx.restored is not None:
+            evaluation, done = _restore(ctx)
+            ctx.logger.info("%s resumes after %d of its steps", ctx.node, len(done))
         total = len(upstream) + (len(targets) if self.models != "global" else 0)
         for node, model in upstream.items():
-            await self._evaluate(ctx, evaluation, node, "global", model.params, targets)
+            if f"global:{node}" not in done:
+                await self._evaluate(ctx, evaluation, node, "global", model.params, targets)
+                await _step_done(ctx, evaluation, done, f"global:{node}")
             ctx.report(len(evaluation.models), total)
         if self.models != "global":
             for index, site in enumerate(targets):
-                params = await self._local_model(ctx, evaluation, site)
-                if params is not None:
-                    await self._evaluate(ctx, evaluation, site, "local", params, targets)
-                    del params  # hold one local model at a time
+                if f"local:{site}" not in done:
+                    params = await self._local_model(ctx, evaluation, site)
+                    if params is not None:
+                        await self._evaluate(ctx, evaluation, site, "local", params, targets)
+                        del params  # hold one local model at a time
+                    await _step_done(ctx, evaluation, done, f"local:{site}")
                 ctx.report(len(upstream) + index + 1, total)
         output = evaluation.as_dict()
         if ctx.logger.isEnabledFor(logging.INFO):
@@ -318,6 +331,37 @@ class CrossSiteEval(Controller):
             "%s: %s model %r evaluated at %d of %d sites",
             ctx.node, kind, label, sum(r.ok for r in results), len(targets),
         )  # fmt: skip
+
+
+async def _step_done(
+    ctx: ControllerContext, evaluation: _Evaluation, done: list[str], step: str
+) -> None:
+    """Record a completed step and checkpoint the matrix so far (a resumed run skips it)."""
+    done.append(step)
+    await ctx.checkpoint({"done": done, "evaluation": evaluation.as_dict()})
+
+
+def _restore(ctx: ControllerContext) -> tuple[_Evaluation, list[str]]:
+    """The matrix and completed steps a crashed run saved.
+
+    Raises
+    ------
+    CheckpointError
+        If the restored state is not a cross-site evaluation state.
+    """
+    saved = ctx.restored
+    try:
+        state = saved["evaluation"]
+        evaluation = _Evaluation([str(site) for site in state["sites"]])
+        evaluation.models = {str(k): dict(v) for k, v in state["models"].items()}
+        evaluation.matrix = {str(k): dict(v) for k, v in state["matrix"].items()}
+        evaluation.missing = [dict(m) for m in state["missing"]]
+        done = [str(step) for step in saved["done"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"node {ctx.node!r}: its checkpoint is not a cross-site evaluation state: {exc!r}"
+        ) from exc
+    return evaluation, done
 
 
 class _Evaluation:

@@ -22,8 +22,9 @@ from fedcell.engine.dispatcher import ControllerContext, Task
 from fedcell.engine.job import Job
 from fedcell.engine.local_dispatcher import LocalDispatcher, SiteHandler
 from fedcell.engine.progress import ProgressEvent
-from fedcell.errors import ConfigError, SiteCrashedError, TooFewResultsError
+from fedcell.errors import CheckpointError, ConfigError, SiteCrashedError, TooFewResultsError
 from fedcell.fl_model import FLModel
+from fedcell.transports.codec import decode, encode, pack_tree, unpack_tree
 
 SITES = ("s1", "s2", "s3")
 
@@ -333,3 +334,45 @@ def test_cross_site_eval_round_trips_through_a_job_folder(
     # Assert
     assert loaded.nodes["cse"].controller == controller
     assert loaded.nodes["cse"].controller.task_names == ("send_local", "eval")
+
+
+def test_a_resumed_evaluation_skips_completed_models_and_ends_with_the_same_matrix() -> None:
+    # Prepare: an uninterrupted run whose checkpoints (one per completed model) are kept.
+    saved: list[Any] = []
+
+    async def keep(state: Any) -> None:
+        tree, buffers = encode(state)  # as the checkpoint store keeps it
+        saved.append(decode(unpack_tree(pack_tree(tree)), [bytes(b) for b in buffers]))
+
+    inputs = {"train": global_model(100.0)}
+
+    async def execute(ctx: ControllerContext) -> dict[str, Any]:
+        return await CrossSiteEval().run(ctx)
+
+    full = asyncio.run(execute(ControllerContext(
+        "j", "cse", LocalDispatcher(dict.fromkeys(SITES, Site())), dict(inputs), checkpointer=keep
+    )))  # fmt: skip
+    assert [state["done"][-1] for state in saved] == [
+        "global:train",
+        "local:s1",
+        "local:s2",
+        "local:s3",
+    ]
+    # Execute: "the server crashed while s2's model was evaluated": resume after s1's.
+    log: list[tuple[str, str, Any]] = []
+    resumed = asyncio.run(execute(ControllerContext(
+        "j", "cse", LocalDispatcher(dict.fromkeys(SITES, Site(log))), dict(inputs),
+        restored=saved[1],
+    )))  # fmt: skip
+    # Assert: the same matrix; only s2's and s3's models were asked for and evaluated again.
+    assert resumed == full
+    assert sorted({entry[2] for entry in log if entry[1] == "validate"}) == ["s2", "s3"]
+    assert sorted(site for site, name, _ in log if name == "submit_model") == ["s2", "s3"]
+
+
+def test_a_restored_state_that_is_not_a_cross_site_evaluation_is_refused() -> None:
+    ctx = ControllerContext(
+        "j", "cse", LocalDispatcher(dict.fromkeys(SITES, Site())), {}, restored={"lap": 1}
+    )
+    with pytest.raises(CheckpointError, match="not a cross-site evaluation state"):
+        asyncio.run(CrossSiteEval(models="local").run(ctx))
