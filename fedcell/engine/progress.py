@@ -36,7 +36,6 @@ class ProgressSink:
     ) -> None:
         self.enabled = enabled
         self._forward = forward
-        self.latest: dict[str, ProgressEvent] = {}
         self._progress: Any = None
         self._bars: dict[str, Any] = {}
 
@@ -71,8 +70,7 @@ class ProgressSink:
             self._progress = None
 
     def report(self, event: ProgressEvent) -> None:
-        """Record ``event`` and update the node's bar."""
-        self.latest[event.node] = event
+        """Forward ``event`` and update the node's bar."""
         if self._forward is not None:
             self._forward(event)
         if self._progress is None:

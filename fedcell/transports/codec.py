@@ -49,7 +49,6 @@ __all__ = [
     "fill",
     "pack_tree",
     "payload_nbytes",
-    "registered_wire_types",
     "unpack_tree",
     "wire_type",
     "writable_bytes",
@@ -100,11 +99,6 @@ def wire_type(name: str | None = None) -> Callable[[type[T]], type[T]]:
         return cls
 
     return register
-
-
-def registered_wire_types() -> dict[str, type[Any]]:
-    """A copy of the name → dataclass table."""
-    return dict(_wire_types)
 
 
 # ----------------------------------------------------------------------------------------------
