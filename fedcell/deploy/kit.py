@@ -27,6 +27,17 @@ certificate in ``trusted/`` names, and maps the key to that name; the hello's cl
 must be that name or one of its sub-cells (``site-1.job-7`` for ``site-1``), so site-1's key can
 never speak as site-2.
 
+The server's own processes
+--------------------------
+A deployed job runs its server side in a process of its own, cell ``server.job-<id>``, which
+connects to the server daemon like a site does, with the server's kit (``kit.cell(name=
+"server.job-7")``: a sub-cell of the server connects to the server's own address instead of
+listening). So the server's :class:`TrustedParticipants` admits the server's own curve key besides
+the certificates of ``trusted/`` (which does not hold the server's), and :func:`bind_cell_name`
+admits its sub-cells ``server.*`` as it admits ``site-1.*`` for site-1. A sub-cell connects to
+the listen address (loopback when the server listens on every interface): the job process runs
+on the server's machine, which may not reach its own public name.
+
 Adding or removing a site rewrites the server kit's ``trusted/`` folder only. A running server
 follows it without a restart: each lookup (one per connection handshake) lists the folder and
 re-reads it if a file was added, removed or changed since the last read. Each certificate is
@@ -115,10 +126,12 @@ def bind_cell_name(hello: Hello) -> str:
 class TrustedParticipants:
     """The server's ZAP authorizer: curve key → participant name, from CA-signed certificates.
 
-    Reads ``folder/*.pem``, again whenever the folder's listing (names, sizes, mtimes) changed; a certificate that fails :func:`verify_participant` is skipped and
-    logged (never admitted). Two certificates with the same curve key and different names admit
-    neither. Called from the ZAP handler's thread, so lookups read a table that a reload replaces
-    whole.
+    Reads ``folder/*.pem``, again whenever the folder's listing (names, sizes, mtimes) changed;
+    a certificate that fails :func:`verify_participant` is skipped and logged (never admitted).
+    Two certificates with the same curve key and different names admit neither. ``own`` (the
+    server itself, whose certificate is not in ``trusted/``) is always admitted, and a
+    certificate in the folder claiming its key for another name is not. Called from the ZAP
+    handler's thread, so lookups read a table that a reload replaces whole.
 
     Parameters
     ----------
@@ -126,11 +139,17 @@ class TrustedParticipants:
         The project CA certificate.
     folder:
         The folder of participant certificates (``trusted/`` in the server kit).
+    own:
+        The listening participant itself, admitted so that its own sub-cells (job processes)
+        can connect with its key.
     """
 
-    def __init__(self, ca_cert: x509.Certificate, folder: Path) -> None:
+    def __init__(
+        self, ca_cert: x509.Certificate, folder: Path, *, own: Participant | None = None
+    ) -> None:
         self._ca_cert = ca_cert
         self._folder = folder
+        self._own = own
         self._lock = threading.Lock()
         self._by_key: dict[bytes, Participant] = {}
         self._snapshot: tuple[tuple[str, int, int], ...] | None = None
@@ -167,6 +186,12 @@ class TrustedParticipants:
             by_key[participant.curve_key] = participant
         for key in clashes:
             del by_key[key]
+        own = self._own
+        if own is not None:
+            other = by_key.get(own.curve_key)
+            if other is not None and other.name != own.name:
+                logger.error("%r claims the curve key of %r: not admitting it", other.name, own.name)
+            by_key[own.curve_key] = own
         with self._lock:
             self._by_key = by_key
             self._snapshot = snapshot
@@ -292,22 +317,25 @@ class StartupKit:
         return cls(folder, me.project, me, ca_cert, key, curve_secret, server, server_cert)
 
     def transport_security(self) -> CurveSecurity:
-        """The CurveZMQ credentials of this participant.
+        """The CurveZMQ credentials of this participant's own cell.
 
-        The server's authorize the keys of ``trusted/``; everyone else's connect to the server.
+        The server's authorize the keys of ``trusted/`` and its own; everyone else's connect to
+        the server.
         """
         if self.server_certificate is None:
-            authorizer = TrustedParticipants(self.ca_certificate, self.folder / TRUSTED_DIR)
+            authorizer = TrustedParticipants(
+                self.ca_certificate, self.folder / TRUSTED_DIR, own=self.me
+            )
             return CurveSecurity(self.me.curve_key, self.curve_secret, authorizer=authorizer)
-        return CurveSecurity(
-            self.me.curve_key, self.curve_secret, server_key=self.server_certificate.curve_key
-        )
+        return self._connecting_security()
+
+    def _connecting_security(self) -> CurveSecurity:
+        server = self.server_certificate or self.me
+        return CurveSecurity(self.me.curve_key, self.curve_secret, server_key=server.curve_key)
 
     def cell_config(self, base: CellConfig | None = None) -> CellConfig:
         """``base`` (default: :class:`CellConfig()`) with this kit's transport security."""
-        base = base or CellConfig()
-        transport = dataclasses.replace(base.transport, security=self.transport_security())
-        return dataclasses.replace(base, transport=transport)
+        return _secured(base, self.transport_security())
 
     def cell(
         self,
@@ -319,13 +347,14 @@ class StartupKit:
         """This participant's secured cell (not started).
 
         The server's listens on the project's listen address and binds peer names to their
-        keys; the others' connect to the server.
+        keys; the others' connect to the server, and so do the server's sub-cells (see the module
+        docstring).
 
         Parameters
         ----------
         name:
             The cell name: this participant's name (default) or one of its sub-cells
-            (``site-1.job-7``).
+            (``site-1.job-7``, ``server.job-7``).
         config:
             Timeouts and tunables; the kit adds the transport security.
         file_sink:
@@ -339,16 +368,32 @@ class StartupKit:
         name = name or self.name
         if name != self.name and not name.startswith(self.name + "."):
             raise ConfigError(f"kit of {self.name!r} cannot start a cell named {name!r}")
-        secured = self.cell_config(config)
-        if self.server_certificate is None:
+        if self.server_certificate is None and name == self.name:
             return Cell(
                 name,
                 listen=self.server.listen_url,
-                config=secured,
+                config=self.cell_config(config),
                 authenticate=bind_cell_name,
                 file_sink=file_sink,
             )
-        return Cell(name, parent=self.server.url, config=secured, file_sink=file_sink)
+        parent = self.server.url if self.server_certificate is not None else _local_url(self.server)
+        secured = _secured(config, self._connecting_security())
+        return Cell(name, parent=parent, config=secured, file_sink=file_sink)
+
+
+def _secured(base: CellConfig | None, security: CurveSecurity) -> CellConfig:
+    base = base or CellConfig()
+    return dataclasses.replace(base, transport=dataclasses.replace(base.transport, security=security))
+
+
+def _local_url(server: ServerAddress) -> str:
+    """Where the server's own processes reach it: its listen address, loopback for a wildcard."""
+    host = server.listen_host
+    if host in ("*", "0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return ServerAddress(server.name, host, server.port, server.listen_host).url
 
 
 def _parse_config(data: bytes, folder: Path) -> Mapping[str, Any]:
