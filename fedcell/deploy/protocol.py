@@ -46,7 +46,8 @@ from typing import Any, Final, Literal, get_args
 
 import numpy as np
 
-from fedcell.errors import OversizedError, ProtocolError
+from fedcell import errors
+from fedcell.errors import FedcellError, OversizedError, ProtocolError, RemoteError
 from fedcell.transports.codec import wire_type
 
 __all__ = [
@@ -67,6 +68,8 @@ __all__ = [
     "SiteStatus",
     "archive_bytes",
     "archive_payload",
+    "local_error",
+    "remote_reason",
 ]
 
 #: Admin client → server daemon.
@@ -212,3 +215,27 @@ def archive_bytes(value: object) -> bytes:
             f"the job archive is {size} bytes, above the {MAX_ARCHIVE_BYTES >> 20} MiB limit"
         )
     return value.tobytes() if isinstance(value, np.ndarray) else value
+
+
+def remote_reason(error: RemoteError) -> str:
+    """What the remote handler said, without the cell's ``handler for channel ... raised T:``
+    prefix (the text a person reads)."""
+    text = str(error)
+    marker = f" raised {error.remote_type}: "
+    return text.split(marker, 1)[1] if marker in text else text
+
+
+def local_error(error: RemoteError) -> FedcellError:
+    """The :mod:`fedcell.errors` class the remote handler raised, rebuilt with its message
+    (``PolicyError``, ``JobError``, ``AuthenticationError`` ...); ``error`` itself for any
+    other type."""
+    cls = getattr(errors, error.remote_type, None)
+    if not (isinstance(cls, type) and issubclass(cls, FedcellError)) or issubclass(
+        cls, RemoteError
+    ):
+        return error
+    try:
+        rebuilt = cls(remote_reason(error))
+    except TypeError:
+        return error
+    return rebuilt
