@@ -8,46 +8,28 @@ Python file that defines a module-level ``job`` (a :class:`~fedcell.engine.job.J
 
 ``fedcell provision project.yml`` writes one startup kit per participant
 (:mod:`fedcell.deploy.provision`).
+
+``fedcell job ...`` (:mod:`fedcell.cli.job`) writes job folders from templates and submits,
+lists, follows, aborts and downloads jobs on a deployment; ``fedcell poc ...``
+(:mod:`fedcell.cli.poc`) runs a whole deployment as processes on this machine.
+Errors print as one ``Error: ...`` line with exit status 1 (:mod:`fedcell.cli.common`).
 """
 
 from __future__ import annotations
 
 import logging
-import runpy
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from fedcell import __version__
-
-if TYPE_CHECKING:
-    from fedcell.engine.job import Job
+from fedcell.cli.common import load_job_source
+from fedcell.cli.job import job as job_commands
+from fedcell.cli.poc import poc as poc_commands
 
 __all__ = ["main"]
-
-
-def _load_job(source: Path) -> Job:
-    from fedcell.engine.job import Job
-    from fedcell.errors import ConfigError
-
-    if source.is_dir():
-        return Job.load(source)
-    if source.suffix != ".py":
-        raise ConfigError(f"{source}: expected a job folder or a Python file defining `job`")
-    folder = str(source.resolve().parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    namespace = runpy.run_path(str(source), run_name="fedcell_job")
-    job = namespace.get("job")
-    if job is None and callable(namespace.get("make_job")):
-        job = namespace["make_job"]()
-    if not isinstance(job, Job):
-        raise ConfigError(f"{source} defines neither `job` nor `make_job()` returning a Job")
-    return job
 
 
 @click.group()
@@ -86,7 +68,7 @@ def simulate(
 
     console = Console()
     try:
-        job = _load_job(job_source)
+        job = load_job_source(job_source)
         result = run(job, n_clients, mode=mode, workspace=workspace, progress=not quiet)  # type: ignore[arg-type]
     except FedcellError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -141,5 +123,5 @@ def provision(project_file: Path, workspace: Path | None) -> None:
     console.print(table)
 
 
-if __name__ == "__main__":
-    main()
+main.add_command(job_commands)
+main.add_command(poc_commands)
