@@ -8,6 +8,16 @@ controller folds results in as they come (in-time aggregation); a reply too larg
 arrives through the stream layer straight into preallocated arrays, and the stream layer's inbound
 budget bounds how many such replies assemble at once.
 
+With a :class:`~fedcell.engine.dispatcher.StreamingFold` (``broadcast(..., fold=...)``), a
+streamed reply is not assembled at all: the cell request's ``reply_sink`` hands the reply's
+skeleton (a ``TaskResult`` whose arrays are dtype/shape specs) to ``fold.open_stream`` at the
+stream's ``OPEN`` if it is an ok result of a pending target, and the sink it returns folds each
+verified chunk as it arrives; once the stream verified, the handle yields what the sink's
+``finish`` returned. A reply the fold rejects fails that target's request at ``OPEN`` (recorded
+``failed``, the site is told to stop sending); a reply stream that breaks fails it with the
+stream's error (``crashed`` when the site was lost). Once the handle stops waiting for a target
+(deadline, cancel), its sink takes no further chunk.
+
 Outcome mapping (kept apart as the engine requires):
 
 - the site ran the task → its ``TaskResult`` as sent (``ok``, or ``failed`` when user code raised);
@@ -18,28 +28,44 @@ Outcome mapping (kept apart as the engine requires):
 
 Abandoned targets (deadline, cancel) get a one-way :data:`ABANDON_CHANNEL` message so they stop
 working on the task; their late replies are dropped by the handle.
+
+Sites and their cells. Controllers, results, records and metrics speak of plain site names
+(``site-1``). Where a site serves the job from a cell of another name (a deployed site's job
+process is ``site-1.job-<id>``), ``cell_names`` maps site → cell; requests go to the cell, and
+the site's runtime answers under its plain site name. Site runtimes also answer
+:data:`PRESENCE_CHANNEL` requests: how a job's server that is not the sites' neighbour learns
+they are there (:mod:`fedcell.engine.presence`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from fedcell.engine.dispatcher import Dispatcher, Task, TaskHandle, TaskResult
+from fedcell.engine.dispatcher import Dispatcher, StreamingFold, Task, TaskHandle, TaskResult
 from fedcell.errors import (
     ConfigError,
     FedcellError,
     RequestTimeoutError,
     UnreachableError,
 )
+from fedcell.transports.array_sink import ArraySink
 from fedcell.transports.cell import Cell
 
-__all__ = ["ABANDON_CHANNEL", "JOB_END_CHANNEL", "TASK_CHANNEL", "CellDispatcher"]
+__all__ = [
+    "ABANDON_CHANNEL",
+    "JOB_END_CHANNEL",
+    "PRESENCE_CHANNEL",
+    "TASK_CHANNEL",
+    "CellDispatcher",
+]
 
 TASK_CHANNEL = "fc.task"
 JOB_END_CHANNEL = "fc.job_end"
 ABANDON_CHANNEL = "fc.abandon"
+PRESENCE_CHANNEL = "fc.presence"
 
 #: Cell request timeout for tasks without one: liveness comes from heartbeats, not a clock.
 NO_DEADLINE = 30 * 24 * 3600.0
@@ -57,37 +83,63 @@ class CellDispatcher(Dispatcher):
     job_id:
         Sent with every task so a site serving several jobs routes it to the right executors.
     sites:
-        The job's sites, by cell name.
+        The job's sites.
+    cell_names:
+        Site → the cell that serves the job there (default: the site's own name).
     """
 
-    def __init__(self, cell: Cell, job_id: str, sites: Sequence[str]) -> None:
+    def __init__(
+        self,
+        cell: Cell,
+        job_id: str,
+        sites: Sequence[str],
+        cell_names: Mapping[str, str] | None = None,
+    ) -> None:
         if not sites:
             raise ConfigError(f"job {job_id!r} has no sites")
         self._cell = cell
         self._job_id = job_id
         self._sites = tuple(sites)
+        self._cell_names = {site: (cell_names or {}).get(site, site) for site in self._sites}
 
     @property
     def sites(self) -> Sequence[str]:
         return self._sites
 
-    def broadcast(self, task: Task, targets: Sequence[str] | None = None) -> TaskHandle:
+    def broadcast(
+        self,
+        task: Task,
+        targets: Sequence[str] | None = None,
+        *,
+        fold: StreamingFold | None = None,
+    ) -> TaskHandle:
         chosen = tuple(self._sites if targets is None else targets)
         unknown = [site for site in chosen if site not in self._sites]
         if unknown:
             raise ConfigError(
                 f"task {task.name!r}: {unknown} are not sites of job {self._job_id!r}"
             )
-        handle = _CellTaskHandle(self._cell, self._job_id, task, chosen)
+        handle = _CellTaskHandle(self._cell, self._job_id, task, chosen, self._cell_names, fold)
         handle.launch()
         return handle
 
 
 class _CellTaskHandle(TaskHandle):
-    def __init__(self, cell: Cell, job_id: str, task: Task, targets: Sequence[str]) -> None:
+    def __init__(
+        self,
+        cell: Cell,
+        job_id: str,
+        task: Task,
+        targets: Sequence[str],
+        cell_names: Mapping[str, str],
+        fold: StreamingFold | None,
+    ) -> None:
         super().__init__(task, targets)
         self._cell = cell
         self._job_id = job_id
+        self._cell_names = cell_names
+        self._site_of = {cell_names[site]: site for site in self.targets}
+        self._fold = fold
         self._gathering: asyncio.Task[None] | None = None
 
     def launch(self) -> None:
@@ -97,12 +149,27 @@ class _CellTaskHandle(TaskHandle):
         # One broadcast: the task (a large model too) is encoded, hashed and compressed once
         # whatever the number of sites; replies are handed over as each arrives and forgotten.
         payload = {"job": self._job_id, "task": self.task}
+        site_of = self._site_of
         replies = self._cell.broadcast_replies(
-            self.targets, TASK_CHANNEL, payload, timeout=self.task.timeout or NO_DEADLINE
+            list(site_of),
+            TASK_CHANNEL,
+            payload,
+            timeout=self.task.timeout or NO_DEADLINE,
+            reply_sink=None if self._fold is None else self._reply_sink,
         )
-        async for site, reply in replies:
-            self.deliver(self._result(site, reply))
+        async for cell_name, reply in replies:
+            self.deliver(self._result(site_of[cell_name], reply))
             del reply  # hold no result while waiting for the next one
+
+    def _reply_sink(self, cell_name: str, skeleton: Any) -> ArraySink | None:
+        # Only an ok result of a target still waited for is folded while it streams in; any
+        # other reply is assembled and judged whole by ``_result``.
+        site = self._site_of.get(cell_name)
+        if self._fold is None or site not in self.pending:
+            return None
+        if not (isinstance(skeleton, TaskResult) and skeleton.site == site and skeleton.ok):
+            return None
+        return self._fold.open_stream(skeleton)
 
     def _result(self, site: str, reply: object) -> TaskResult:
         name = self.task.name
@@ -123,7 +190,9 @@ class _CellTaskHandle(TaskHandle):
         for site in sites:
             try:
                 await self._cell.send(
-                    site, ABANDON_CHANNEL, {"job": self._job_id, "task": self.task.name}
+                    self._cell_names[site],
+                    ABANDON_CHANNEL,
+                    {"job": self._job_id, "task": self.task.name},
                 )
             except FedcellError as exc:  # best effort: the site may be gone already
                 logger.debug("could not tell %s to abandon %s: %s", site, self.task.name, exc)

@@ -15,6 +15,24 @@ model, listed under ``models`` in ``result.json``) and tells the sites the job e
 when the job finished, 1 when it failed, crashed or was aborted, 2 when it could not run (bad job
 folder, sites missing, unreadable checkpoint).
 
+The body of the process is :func:`run_job`, which takes a ready (not started) cell and a
+:class:`~fedcell.engine.presence.SitePresence`: here a listening cell whose neighbours the sites
+are; in a deployment (:mod:`fedcell.deploy.job_launch`) a cell secured by the server's startup
+kit, child of the server daemon, whose sites are ``<site>.job-<id>`` cells found by pinging them
+through the server. Whatever the cell:
+
+- SIGTERM or SIGINT **abort** the job: the runner cancels the running nodes, the job ends
+  ``aborted``, the sites are told (``fc.job_end``), the results are written, exit status 1. (An
+  abort while waiting for the sites aborts the job as it starts.)
+- **Progress**: every progress report of a controller is written to ``W/progress.json``
+  (``{"node", "step", "total", "metrics", "time"}``; atomic replace, at most one write per
+  :data:`PROGRESS_INTERVAL` seconds, the last report always written), so a daemon can show how
+  far the job got without talking to this process.
+- A site lost while the job runs is reported to the runner (``site_lost``): the job's k-of-n
+  rules decide whether it goes on; a job that cannot ends ``crashed`` naming the site. If the
+  sites do not all show up within ``--join-timeout``, the ones that did are told the job ended
+  and the process exits 2 naming the missing ones.
+
 Crash and resume. The job checkpoints into ``W/checkpoint/`` (see
 :mod:`fedcell.engine.checkpoint`): the scheduler after every DAG step, each controller after
 every round. If the process dies (even by SIGKILL), start it again with the same arguments plus
@@ -32,21 +50,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Final
 
+from fedcell.engine.cell_dispatcher import JOB_END_CHANNEL, PRESENCE_CHANNEL
 from fedcell.engine.checkpoint import CheckpointStore
 from fedcell.engine.job import Job
 from fedcell.engine.memory import keep_large_allocations_returnable
+from fedcell.engine.presence import NeighbourPresence, SitePresence
+from fedcell.engine.progress import ProgressEvent
 from fedcell.engine.simulator import serve_job, server_config, write_results
 from fedcell.errors import FedcellError, JobError
-from fedcell.transports.cell import Cell, PeerEvent
+from fedcell.transports.cell import Cell
+from fedcell.transports.message import Message
 
-__all__ = ["main", "serve"]
+__all__ = [
+    "DEPARTURE_GRACE",
+    "PROGRESS_FILE",
+    "PROGRESS_INTERVAL",
+    "ProgressFile",
+    "main",
+    "run_job",
+    "site_list",
+]
 
 logger = logging.getLogger("fedcell.job_process")
+
+#: Seconds the server waits for the sites to leave after telling them the job ended: stopping
+#: at once could drop the goodbye, and the sites would wait out their orphan timeout.
+DEPARTURE_GRACE: Final = 10.0
+#: The progress file in the job's workspace, and the least seconds between two writes of it.
+PROGRESS_FILE: Final = "progress.json"
+PROGRESS_INTERVAL: Final = 0.5
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -65,85 +109,185 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class _Presence:
-    """Peer listener: which of the job's sites are connected right now."""
+def site_list(sites: str) -> list[str]:
+    """``"a, b"`` → ``["a", "b"]``."""
+    return [name.strip() for name in sites.split(",") if name.strip()]
 
-    def __init__(self, names: Sequence[str]) -> None:
-        self._names = frozenset(names)
-        self.connected: set[str] = set()
-        self._changed = asyncio.Event()
 
-    def __call__(self, name: str, event: PeerEvent) -> None:
-        if name not in self._names:
+class ProgressFile:
+    """Writes the latest :class:`~fedcell.engine.progress.ProgressEvent` to a JSON file.
+
+    Atomic (temporary file + ``os.replace``), at most one write per ``interval`` seconds: a report
+    arriving sooner is held and written when the interval is over (only the newest one held), and
+    :meth:`close` writes any report still held. Call it on the event loop.
+    """
+
+    def __init__(self, path: Path, interval: float = PROGRESS_INTERVAL) -> None:
+        self.path = path
+        self._interval = interval
+        self._written_at = -float("inf")
+        self._held: ProgressEvent | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self._held = event
+        wait = self._written_at + self._interval - time.monotonic()
+        if wait <= 0:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._flush)
+
+    def close(self) -> None:
+        """Write the report still held, if any."""
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        event, self._held = self._held, None
+        if event is None:
             return
-        if event == "joined":
-            self.connected.add(name)
-        else:
-            self.connected.discard(name)
-        self._changed.set()
-
-    async def wait_until(self, everyone: bool, timeout: float) -> bool:
-        """Wait until every site is connected (``everyone``) or none is; ``False`` on timeout."""
-        target = set(self._names) if everyone else set()
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.connected != target:
-            self._changed.clear()
-            remaining = deadline - asyncio.get_running_loop().time()
-            try:
-                await asyncio.wait_for(self._changed.wait(), max(remaining, 0))
-            except TimeoutError:
-                return False
-        return True
+        record = {
+            "node": event.node,
+            "step": event.step,
+            "total": event.total,
+            "metrics": event.metrics,
+            "time": time.time(),
+        }
+        try:
+            data = json.dumps(record, default=str).encode()
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, self.path)
+        except OSError as exc:  # progress is advisory: never fail the job for it
+            logger.warning("cannot write %s: %s", self.path, exc)
+        self._written_at = time.monotonic()
 
 
-#: Seconds the server waits for the sites to leave after telling them the job ended: stopping
-#: at once could drop the goodbye, and the sites would wait out their orphan timeout.
-DEPARTURE_GRACE = 10.0
+async def run_job(
+    cell: Cell,
+    job: Job,
+    job_id: str,
+    sites: Sequence[str],
+    workspace: Path,
+    presence: SitePresence,
+    *,
+    cell_names: Mapping[str, str] | None = None,
+    resume: bool = False,
+    join_timeout: float = 120.0,
+) -> int:
+    """Start ``cell``, wait for the sites, run the job, write its results; return the exit status.
 
+    SIGTERM/SIGINT abort the job (see the module docstring).
 
-async def serve(args: argparse.Namespace) -> int:
-    """Run the job described by the parsed command line; return the exit status.
+    Parameters
+    ----------
+    cell:
+        The job's server cell, not started.
+    job, job_id, sites:
+        The job, the id its sites serve it under, and the sites (plain names).
+    workspace:
+        Results, checkpoints and ``progress.json`` go here.
+    presence:
+        Tells which sites are there, not started (built for ``cell``).
+    cell_names:
+        Site → the cell serving the job there (default: the site's name).
+    resume:
+        Go on from the checkpoint in ``workspace``.
+    join_timeout:
+        Seconds to wait for every site.
 
     Raises
     ------
     ConfigError
-        If the job folder is invalid or the job does not fit the sites.
+        If the job does not fit the sites.
     JobError
-        If the sites do not all connect within ``--join-timeout``.
+        If the sites do not all show up within ``join_timeout``.
     CheckpointError
-        If ``--resume`` finds a corrupt checkpoint or one of another job.
+        If ``resume`` finds a corrupt checkpoint or one of another job.
     """
-    job = Job.load(args.job_dir)
-    names = [name.strip() for name in args.sites.split(",") if name.strip()]
-    job.validate(names)
-    job_id = args.job_id or job.name
-    root: Path = args.workspace
-    root.mkdir(parents=True, exist_ok=True)
-    server = Cell("server", listen=args.listen, config=server_config(len(names)))
-    presence = _Presence(names)
-    server.add_peer_listener(presence)  # before start: sites already running connect at once
-    await server.start()
+    job.validate(sites)
+    workspace.mkdir(parents=True, exist_ok=True)
+    abort = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, abort.set)
+
+    async def answer_presence(message: Message) -> list[str]:
+        return [job_id]
+
+    cell.register(PRESENCE_CHANNEL, answer_presence)  # sites check that the job's server is up
+    progress = ProgressFile(workspace / PROGRESS_FILE)
+    await cell.start()
     try:
-        logger.info("job %s: waiting for sites %s on %s", job_id, names, server.url)
-        if not await presence.wait_until(everyone=True, timeout=args.join_timeout):
-            missing = sorted(set(names) - presence.connected)
-            raise JobError(f"sites {missing} did not connect within {args.join_timeout:g} s")
+        await presence.start()
+        logger.info("job %s: waiting for sites %s", job_id, list(sites))
+        if not await _joined_or_aborted(presence, abort, join_timeout):
+            missing = sorted(set(sites) - presence.present)
+            await _tell_job_ended(cell, job_id, [(cell_names or {}).get(s, s) for s in sites])
+            raise JobError(f"sites {missing} did not connect within {join_timeout:g} s")
         result = await serve_job(
-            server,
+            cell,
             job,
             job_id,
-            names,
-            root,
-            checkpoint=CheckpointStore(root / "checkpoint"),
-            resume=args.resume,
+            sites,
+            workspace,
+            progress=progress,
+            checkpoint=CheckpointStore(workspace / "checkpoint"),
+            resume=resume,
+            cell_names=cell_names,
+            presence=presence,
+            abort=abort,
         )
+        progress.close()
         if not await presence.wait_until(everyone=False, timeout=DEPARTURE_GRACE):
-            logger.warning("sites %s did not leave after the job ended", sorted(presence.connected))
+            logger.warning("sites %s did not leave after the job ended", sorted(presence.present))
     finally:
-        await server.stop()
-    write_results(result, root)
-    logger.info("job %s %s; results in %s", job_id, result.state.value, root)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await presence.stop()
+        await cell.stop()
+    write_results(result, workspace)
+    logger.info("job %s %s; results in %s", job_id, result.state.value, workspace)
     return 0 if result.ok else 1
+
+
+async def _joined_or_aborted(presence: SitePresence, abort: asyncio.Event, timeout: float) -> bool:
+    """Wait for every site or an abort (``True``: go on; the runner aborts at once if asked)."""
+    joined = asyncio.ensure_future(presence.wait_until(everyone=True, timeout=timeout))
+    aborted = asyncio.ensure_future(abort.wait())
+    try:
+        await asyncio.wait({joined, aborted}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (joined, aborted):
+            waiter.cancel()
+        await asyncio.gather(joined, aborted, return_exceptions=True)
+    return abort.is_set() or (joined.done() and not joined.cancelled() and joined.result())
+
+
+async def _tell_job_ended(cell: Cell, job_id: str, targets: Sequence[str]) -> None:
+    for target in targets:
+        with contextlib.suppress(FedcellError):  # an absent site needs no goodbye
+            await cell.send(target, JOB_END_CHANNEL, {"job": job_id})
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    job = Job.load(args.job_dir)
+    sites = site_list(args.sites)
+    cell = Cell("server", listen=args.listen, config=server_config(len(sites)))
+    presence = NeighbourPresence(cell, sites)  # before start: waiting sites connect at once
+    return await run_job(
+        cell,
+        job,
+        args.job_id or job.name,
+        sites,
+        args.workspace,
+        presence,
+        resume=args.resume,
+        join_timeout=args.join_timeout,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_large_allocations_returnable()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return asyncio.run(serve(_parse(argv)))
+        return asyncio.run(_serve(_parse(argv)))
     except FedcellError as exc:
         logger.error("job could not run: %s", exc)
         return 2

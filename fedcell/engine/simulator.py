@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,7 @@ from fedcell.engine.checkpoint import CheckpointStore
 from fedcell.engine.job import Job
 from fedcell.engine.job_runner import JobResult, JobRunner
 from fedcell.engine.memory import keep_large_allocations_returnable
+from fedcell.engine.presence import NeighbourPresence, SitePresence
 from fedcell.engine.progress import ProgressEvent, ProgressSink
 from fedcell.engine.site_runtime import SiteRuntime
 from fedcell.errors import ConfigError, JobError
@@ -305,6 +306,9 @@ async def serve_job(
     progress: Callable[[ProgressEvent], None] | None = None,
     checkpoint: CheckpointStore | None = None,
     resume: bool = False,
+    cell_names: Mapping[str, str] | None = None,
+    presence: SitePresence | None = None,
+    abort: asyncio.Event | None = None,
 ) -> JobResult:
     """Run ``job`` from the started ``server`` cell on the connected sites ``names``, then tell
     them the job ended. Sites that leave are reported to the runner (and ones that come back).
@@ -313,6 +317,17 @@ async def serve_job(
     node workspaces are ``<root>/nodes/<node>``; ``checkpoint`` and ``resume`` as for
     :class:`~fedcell.engine.job_runner.JobRunner`.
 
+    Parameters
+    ----------
+    cell_names:
+        Site → the cell serving the job there (default: the site's name); results, records and
+        metrics keep the plain site names.
+    presence:
+        Where site losses and returns come from, already started (default: the server cell's
+        peer events).
+    abort:
+        Setting it aborts the job (running nodes cancelled; the job ends ``aborted``).
+
     Raises
     ------
     ConfigError
@@ -320,7 +335,7 @@ async def serve_job(
     CheckpointError
         As :meth:`~fedcell.engine.job_runner.JobRunner.run` raises it.
     """
-    dispatcher = CellDispatcher(server, job_id, names)
+    dispatcher = CellDispatcher(server, job_id, names, cell_names)
     runner = JobRunner(
         job,
         dispatcher,
@@ -331,25 +346,38 @@ async def serve_job(
         resume=resume,
     )
 
-    def on_peer(name: str, event: str) -> None:
-        if name not in names:
-            return
+    def on_site(site: str, event: str) -> None:
         if event == "left":
-            runner.site_lost(name)
+            runner.site_lost(site)
         else:
-            runner.site_joined(name)
+            runner.site_joined(site)
 
-    server.add_peer_listener(on_peer)
+    watching = presence
+    if watching is None:
+        watching = NeighbourPresence(server, names, cell_names)
+        await watching.start()  # the sites connected so far are present (no event: they joined)
+    watching.add_listener(on_site)
+    aborting = None if abort is None else asyncio.ensure_future(_abort_when(abort, runner))
     try:
         result = await runner.run()
     finally:
-        server.remove_peer_listener(on_peer)
+        watching.remove_listener(on_site)
+        if presence is None:
+            await watching.stop()
+        if aborting is not None:
+            aborting.cancel()
     for name in names:
+        target = (cell_names or {}).get(name, name)
         try:
-            await server.send(name, JOB_END_CHANNEL, {"job": job_id})
+            await server.send(target, JOB_END_CHANNEL, {"job": job_id})
         except Exception as exc:  # a lost site needs no goodbye
             logger.debug("could not end job at %s: %s", name, exc)
     return result
+
+
+async def _abort_when(event: asyncio.Event, runner: JobRunner) -> None:
+    await event.wait()
+    runner.abort("aborted on request")
 
 
 #: Above this many in-process sites, their logs share one file instead of one file each.

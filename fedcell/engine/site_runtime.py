@@ -11,6 +11,11 @@ when the job is added and stops them when it is removed. It serves two channels:
   result that says so, and the site keeps serving.
 - :data:`~fedcell.engine.cell_dispatcher.ABANDON_CHANNEL` (one-way): cancel that job's running
   task of that name (the controller gave up on it).
+- :data:`~fedcell.engine.cell_dispatcher.PRESENCE_CHANNEL` (request): answers with the ids of
+  the jobs served here, so a job's server that is not this cell's neighbour can tell it is there.
+
+The site's name (in results and in what executors see) is the cell's name unless given: a
+deployed site serves a job from the cell ``site-1.job-<id>`` under its own name ``site-1``.
 
 Tasks of one job run one at a time per executor, in arrival order: a training script serves one
 task at a time; tasks for different executors or jobs run concurrently.
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedcell.engine.cell_dispatcher import ABANDON_CHANNEL, TASK_CHANNEL
+from fedcell.engine.cell_dispatcher import ABANDON_CHANNEL, PRESENCE_CHANNEL, TASK_CHANNEL
 from fedcell.engine.dispatcher import Task, TaskResult
 from fedcell.engine.executor import Executor, SiteContext, run_task
 from fedcell.errors import ConfigError
@@ -54,17 +59,21 @@ class SiteRuntime:
     ----------
     cell:
         The site's cell (started or not; handlers are registered at once).
+    site_name:
+        The site's name (default: the cell's name).
     """
 
-    def __init__(self, cell: Cell) -> None:
+    def __init__(self, cell: Cell, *, site_name: str | None = None) -> None:
         self._cell = cell
+        self._site_name = site_name or cell.name
         self._jobs: dict[str, _JobAtSite] = {}
         cell.register(TASK_CHANNEL, self._on_task)
         cell.register(ABANDON_CHANNEL, self._on_abandon)
+        cell.register(PRESENCE_CHANNEL, self._on_presence)
 
     @property
     def site_name(self) -> str:
-        return self._cell.name
+        return self._site_name
 
     @property
     def jobs(self) -> tuple[str, ...]:
@@ -155,6 +164,9 @@ class SiteRuntime:
                 raise
             finally:
                 job.running.pop(task.name, None)
+
+    async def _on_presence(self, message: Message) -> list[str]:
+        return list(self._jobs)
 
     async def _on_abandon(self, message: Message) -> None:
         payload = message.payload
