@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -172,9 +173,16 @@ def list_jobs(as_json: bool, kit: Path | None) -> None:
     if as_json:
         click.echo(json.dumps([info.to_json() for info in infos], indent=2))
         return
-    table = Table(title=f"{len(infos)} job(s)")
-    for column in ("id", "name", "state", "submitter", "submitted", "duration", "progress"):
-        table.add_column(column, justify="right" if column == "duration" else "left")
+    table = Table(
+        title=f"{len(infos)} job(s)", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
+    table.add_column("id", no_wrap=True, min_width=10)
+    table.add_column("name", min_width=14, overflow="fold")
+    table.add_column("state", no_wrap=True)
+    table.add_column("submitter", min_width=9, overflow="fold")
+    table.add_column("submitted", no_wrap=True)
+    table.add_column("duration", justify="right", no_wrap=True)
+    table.add_column("progress")
     for info in infos:
         table.add_row(
             info.job_id,

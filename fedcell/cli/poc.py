@@ -118,7 +118,7 @@ def _print_processes(
             "[green]running[/]" if process.running else "[red]exited[/]",
             "(listening)" if process.name == "server" and process.running else since,
             ", ".join(site.jobs) if site and site.jobs else "-",
-            str(process.log),
+            str(process.log.relative_to(folder)),
         )
     Console().print(table)
 
