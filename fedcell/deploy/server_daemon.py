@@ -355,14 +355,23 @@ class ServerDaemon:
             "--sites",
             ",".join(sites),
         ]
-        with paths.server_log.open("ab") as log:
-            process = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
+        try:
+            with paths.server_log.open("ab") as log:
+                process = await asyncio.create_subprocess_exec(
+                    *command,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            await self._ask_sites(sites, {"op": "stop", "job_id": info.job_id})
+            message = f"the job process could not be started: {exc}"
+            self.store.save(dataclasses.replace(
+                info, state="failed", ended_at=time.time(), message=message,
+                sites=dict.fromkeys(sites, "failed"),
+            ))  # fmt: skip
+            raise JobError(f"job {info.job_id} ({info.name}): {message}") from exc
         paths.pid_file.write_text(str(process.pid))
         job = _RunningJob(process, sites)
         self._running[info.job_id] = job
@@ -461,7 +470,10 @@ class ServerDaemon:
         returncode = await job.process.wait()
         paths = self.store.paths(job_id)
         state, message = _outcome(paths, job_id, returncode, job.forced_end)
-        await self._ask_sites(job.sites, {"op": "stop", "job_id": job_id})
+        try:
+            await self._ask_sites(job.sites, {"op": "stop", "job_id": job_id})
+        except FedcellError as exc:  # the cell is stopping: the sites' orphan timeout applies
+            logger.warning("job %s: could not tell the sites to stop: %s", job_id, exc)
         info = self.store.get(job_id)
         sites = {s: ("lost" if st == "lost" else state) for s, st in info.sites.items()}
         self.store.save(

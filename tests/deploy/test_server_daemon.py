@@ -355,3 +355,25 @@ def test_stopping_the_daemon_aborts_its_running_jobs(kits: Path, tmp_path: Path)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     saved = JobInfo.from_json(json.loads(record.read_text()))
     assert saved.state == "aborted" and saved.message == "the server daemon stopped"
+
+
+def test_a_job_process_that_cannot_start_fails_the_job_and_releases_the_sites(
+    kits: Path, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        missing = (str(tmp_path / "no-such-python"),)
+        async with (
+            running_daemon(kits, tmp_path / "ws", job_command=missing),
+            FakeSite(kits / "site-1") as site,
+            admin(kits) as session,
+        ):
+            # Execute
+            with pytest.raises(JobError, match="could not be started"):
+                await session.submit(job_folder(tmp_path, "quick"))
+            (info,) = await session.list_jobs()
+
+            # Assert
+            assert info.state == "failed" and info.sites == {"site-1": "failed"}
+            assert [op for op, _ in site.ops] == ["deploy", "stop"]
+
+    asyncio.run(main())
