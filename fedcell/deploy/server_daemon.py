@@ -30,8 +30,9 @@ job's executors name, else every connected site. Every site gets ``deploy`` at o
 verifies the admin's signature and applies its own policy); if any refuses, the sites that
 accepted are told to ``stop`` (discard), the record says ``refused`` with every site's reason,
 and the submitter gets a ``PolicyError`` listing them. Otherwise the daemon spawns the job
-process (``python -m fedcell.engine.job_process --kit <server kit> ...`` in its own process group,
-output to ``server.log``), sends ``start`` to every site and replies ``running``.
+process (``python -m fedcell.deploy.job_launch server --kit <server kit> ...``, see
+:mod:`fedcell.deploy.job_launch`) in its own process group, output to ``server.log``, sends
+``start`` to every site and replies ``running``.
 
 A watcher task per job waits for the job process to exit and records the end state: the
 ``state`` and ``reason`` of ``results/result.json``, else from the exit status (2: the job could
@@ -104,7 +105,7 @@ __all__ = ["JOB_PROCESS_COMMAND", "ServerDaemon"]
 logger = logging.getLogger(__name__)
 
 #: How the daemon starts a job process; it appends ``--kit --job-dir --workspace --job-id --sites``.
-JOB_PROCESS_COMMAND: Final = (sys.executable, "-m", "fedcell.engine.job_process")
+JOB_PROCESS_COMMAND: Final = (sys.executable, "-m", "fedcell.deploy.job_launch", "server")
 #: Lines of ``server.log`` quoted in the message of a job that could not run.
 LOG_TAIL_LINES: Final = 12
 
