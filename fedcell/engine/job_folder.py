@@ -44,9 +44,10 @@ whose top-level package is part of the standard library or of an installed distr
 (fedcell included, also when installed in editable mode) is expected at the loading side. Any
 other module's top-level package folder (or lone module file) is copied into ``custom/``, which
 :func:`load_job` puts at the front of ``sys.path`` (once; it stays there so the job's code can
-import its own modules later). Classes defined in ``__main__`` or inside a function cannot be
-found by name and are refused at export. A module already imported under the same name is used
-as it is.
+import its own modules later). Files added with ``Job.add_file`` land there too, so a model named
+by path (``FedAvg(model="model:Net")`` with ``model.py`` added) imports in a job server process.
+Classes defined in ``__main__`` or inside a function cannot be found by name and are refused at
+export. A module already imported under the same name is used as it is.
 
 Loading trusts the folder: importing custom code runs it. Whether a site may run a job's custom
 code is the site policy's decision, made before the folder is loaded.
@@ -378,7 +379,7 @@ class _ConfigReader:
                 raise self.fail("custom_code/files", f"{name!r} is not a plain file name")
             if not (custom / name).exists():
                 raise self.fail("custom_code/files", f"{CUSTOM_DIR}/{name} is missing")
-        if custom_names and str(custom) not in sys.path:
+        if (custom_names or file_names) and str(custom) not in sys.path:
             sys.path.insert(0, str(custom))
 
         header = self.mapping(root.get("job"), "job")
