@@ -130,15 +130,17 @@ def create(template_name: str, directory: Path, config_format: str, sites: str |
     from fedcell.templates import parse_sites
 
     with cli_errors():
+        chosen = parse_sites(sites)
         config = write(
             template_name,
             directory,
             format=config_format,  # type: ignore[arg-type]
-            sites=parse_sites(sites),
+            sites=chosen,
         )
     console = Console()
     console.print(f"wrote {config} and {directory / 'custom'}/")
-    console.print(f"run it:    fedcell simulate {directory} -n 2")
+    if not isinstance(chosen, tuple):  # named sites: the simulator's site-1.. would not match
+        console.print(f"run it:    fedcell simulate {directory} -n {max(2, chosen or 0)}")
     console.print(f"submit it: fedcell job submit {directory}")
 
 
