@@ -24,6 +24,12 @@ kit's ``kit.json``. Kit files are compared byte by byte and only changed files a
 - removing a site removes its certificate from the server's ``trusted/`` folder, so the server
   stops admitting it (its kit folder is left in place and reported as stale).
 
+Each site kit also gets a default site policy, ``policy.yml`` (:data:`POLICY_FILE`), written
+once when the kit has none and never touched again: it is the site's own file, to edit (its
+daemon reads it at every job submission), so re-provisioning neither rewrites nor reports it. The
+default lets the project's ``project_admin`` and ``lead`` admins submit jobs, with source code,
+at most 4 at a time (see :mod:`fedcell.engine.policy` for the format).
+
 A state folder refuses a ``project.yml`` of another project (:class:`~fedcell.errors.ConfigError`):
 one CA per project. Files holding secrets are written with mode 0600, atomically (temporary file
 and rename), so an interrupted run never leaves a torn key.
@@ -65,7 +71,7 @@ from fedcell.deploy.project import Project
 from fedcell.errors import AuthenticationError, ConfigError
 from fedcell.transports.zmq_security import curve_keypair, curve_public_key
 
-__all__ = ["RENEW_WITHIN", "ProvisionReport", "provision"]
+__all__ = ["POLICY_FILE", "RENEW_WITHIN", "ProvisionReport", "default_site_policy", "provision"]
 
 #: Certificates closer than this to their end are re-issued (with the same keys).
 RENEW_WITHIN: Final = datetime.timedelta(days=30)
@@ -73,6 +79,23 @@ _STATE_FORMAT: Final = 1
 _SECRET: Final = 0o600
 _PUBLIC: Final = 0o644
 _SCRIPT: Final = 0o755
+#: The site policy file provisioning writes into a site kit that has none.
+POLICY_FILE: Final = "policy.yml"
+_DEFAULT_POLICY: Final = """\
+# Site policy of {site} (project {project}): who may run jobs here, with what code, how many.
+# `fedcell provision` wrote this file once and never overwrites it: edit it for this site. The
+# site daemon reads it at every job submission; the format is in docs/deployment.md.
+site: {site}
+submit:
+  roles: [project_admin, lead]        # admin roles that may submit jobs (names: [...] for people)
+custom_code:
+  allow: [source]                     # job code shipped in the job folder's custom/
+  roles: [project_admin, lead]
+resources:
+  max_concurrent_jobs: 4
+  # max_job_wall_time: 24h
+  # max_memory_per_job: 16GiB
+"""
 _START_SCRIPT: Final = """#!/bin/sh
 # Starts {name} ({role}) of project {project}. Set FEDCELL_PYTHON to choose the interpreter.
 cd "$(dirname "$0")" && exec "${{FEDCELL_PYTHON:-python3}}" -m fedcell.deploy.participant . "$@"
@@ -246,6 +269,11 @@ def _sync_kit(
     return changed
 
 
+def default_site_policy(site: str, project: str) -> str:
+    """The ``policy.yml`` provisioning writes into the kit of ``site`` (see the module docstring)."""
+    return _DEFAULT_POLICY.format(site=site, project=project)
+
+
 def provision(project: Project, workspace: Path) -> ProvisionReport:
     """Write (or bring up to date) the startup kit of every participant of ``project``.
 
@@ -297,6 +325,11 @@ def provision(project: Project, workspace: Path) -> ProvisionReport:
         existed = folder.exists()
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         changed = _sync_kit(folder, files, [TRUSTED_DIR] if role == "server" else [])
+        policy = folder / POLICY_FILE
+        if role == "site" and not policy.exists():
+            _write(policy, default_site_policy(name, project.name).encode(), _PUBLIC)
+            if existed:
+                changed.append(POLICY_FILE)
         if not existed:
             report.created.append(name)
         elif changed:

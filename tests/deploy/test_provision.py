@@ -15,6 +15,7 @@ from fedcell.cli import main as cli
 from fedcell.deploy.certificates import load_certificate, verify_participant
 from fedcell.deploy.kit import StartupKit, TrustedParticipants
 from fedcell.deploy.project import load_project, parse_project
+from fedcell.engine.policy import SitePolicy
 from fedcell.errors import AuthenticationError, ConfigError
 from fedcell.transports.zmq_security import curve_public_key
 
@@ -37,7 +38,7 @@ def test_provision_writes_one_verified_kit_per_participant(tmp_path: Path) -> No
         "start.sh", "trusted/site-1.pem", "trusted/site-2.pem", "trusted/alice.pem",
         "trusted/bob.pem",
     }  # fmt: skip
-    assert set(kit_files(kits / "site-1")) == common | {"server.pem", "start.sh"}
+    assert set(kit_files(kits / "site-1")) == common | {"server.pem", "start.sh", "policy.yml"}
     assert set(kit_files(kits / "alice")) == common | {"server.pem"}
     # secrets are private; the state folder too
     for kit in kits.iterdir():
@@ -82,6 +83,29 @@ def test_provision_again_changes_nothing(tmp_path: Path) -> None:
     assert report.unchanged == ["server", "site-1", "site-2", "alice", "bob"]
     assert not report.created and not report.updated and not report.issued
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_site_kits_default_policy_is_written_once_and_never_overwritten(tmp_path: Path) -> None:
+    # Prepare: provisioned kits, one site's policy edited by its admin, another's deleted
+    provision_tree(project_tree(), tmp_path)
+    kits = tmp_path / "kits"
+    default = SitePolicy.load(kits / "site-1" / "policy.yml")
+    edited = "site: site-1\nsubmit: {names: [alice]}\n"
+    (kits / "site-1" / "policy.yml").write_text(edited)
+    (kits / "site-2" / "policy.yml").unlink()
+
+    # Execute
+    report = provision_tree(project_tree(), tmp_path)
+
+    # Assert: the default lets project admins and leads submit source code, 4 jobs at a time
+    assert default.site == "site-1" and default.submit.roles == {"project_admin", "lead"}
+    assert default.custom_code_kinds == {"source"} and default.max_concurrent_jobs == 4
+    # the edit is kept and not reported; the missing file is written again and reported
+    assert (kits / "site-1" / "policy.yml").read_text() == edited
+    assert "site-1" in report.unchanged
+    assert report.updated == {"site-2": ["policy.yml"]}
+    assert SitePolicy.load(kits / "site-2" / "policy.yml").site == "site-2"
+    assert not any((kits / name / "policy.yml").exists() for name in ("server", "alice"))
 
 
 def test_adding_a_site_keeps_everyone_elses_keys_and_kits(tmp_path: Path) -> None:
