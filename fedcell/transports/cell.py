@@ -72,6 +72,9 @@ opener re-sends hello on the transport's ``connected`` event and on every heartb
 not welcomed. A restarted listener does not know the connection, answers the first message with
 ``who``, and the opener re-hellos. A link that is still not welcomed one ``peer_timeout`` after it
 was lost (or whose connection closed, as in-process ones do) gets a brand-new connection.
+A hello on a link the listener still holds (the opener lost it, the listener never noticed)
+cancels the streams the opener was sending: the opener failed them when it lost the link, and
+their ``CANCEL`` could not get through.
 
 Bad input and backpressure
 --------------------------
@@ -1176,6 +1179,15 @@ class Cell:
                 with contextlib.suppress(StreamError):
                     self._stream.cancel(info.peer, info.sid, f"{name!r} is gone ({reason})")
 
+    def _cancel_inbound_streams(self, peer: str, reason: str) -> None:
+        """Cancel the open streams that ``peer`` itself is sending to this cell."""
+        if self._stream is None:
+            return
+        for info in self._stream.streams():
+            if info.peer == peer and info.direction == "in":
+                with contextlib.suppress(StreamError):
+                    self._stream.cancel(peer, info.sid, f"{peer!r} {reason}")
+
     def _notify_peer(self, name: str, event: PeerEvent) -> None:
         for listener in list(self._peer_listeners):
             try:
@@ -1389,6 +1401,13 @@ class Cell:
             self._spawn(self._drop_link(holder))
         if link.attached and link.name != name:
             self._link_lost(link, f"it now calls itself {name!r}")
+        elif link.attached:
+            # An opener says hello on a link we hold only after it lost the link and took it
+            # back (ZeroMQ reconnected a cut connection): losing it failed the streams it was
+            # sending us, but their CANCEL could not reach us. Without this they would hold the
+            # admission budget until they stall. Its new streams open after our welcome, so
+            # after every hello of this reconnection: none of them is cancelled here.
+            self._cancel_inbound_streams(name, "lost the link and said hello again")
         link.name = name
         self._send_control_nowait(link, "welcome", {"name": self._name})
         if not link.attached:
