@@ -71,6 +71,7 @@ from typing import Any, Final, NoReturn
 
 import psutil
 
+from fedcell.deploy.certificates import load_certificate, verify_participant
 from fedcell.deploy.commands import ReplayGuard, SignedCommand, VerifiedCommand, verify_command
 from fedcell.deploy.job_archive import pack_paths, read_job_config, unpack_job
 from fedcell.deploy.job_store import JobPaths, JobStore, read_log_chunk, read_progress
@@ -527,16 +528,29 @@ class ServerDaemon:
 
     def _on_peer(self, name: str, event: PeerEvent) -> None:
         logger.info("%s: %s %s", self.kit.name, name, event)
-        if "." in name:  # sub-cells: admin clients, job processes, site job processes
-            return
         if event == "joined":
-            self._sites[name] = time.time()
+            if self._is_site(name):
+                self._sites[name] = time.time()
+            return
+        if name not in self._sites:
             return
         self._sites.pop(name, None)
         for job_id, job in self._running.items():
             info = self.store.get(job_id)
             if name in job.sites and info.sites.get(name) == "running":
                 self.store.save(dataclasses.replace(info, sites={**info.sites, name: "lost"}))
+
+    def _is_site(self, name: str) -> bool:
+        """Whether the cell ``name`` is a site daemon: a participant (no sub-cell such as a job
+        process or an admin client) whose certificate in the trust folder says ``site``."""
+        if "." in name:
+            return False
+        try:
+            pem = (self.kit.folder / TRUSTED_DIR / f"{name}.pem").read_bytes()
+            participant = verify_participant(load_certificate(pem, name), self.kit.ca_certificate)
+        except (OSError, FedcellError):
+            return False
+        return participant.role == "site" and participant.name == name
 
     def _current(self, info: JobInfo) -> JobInfo:
         """``info`` with the job process's latest progress while it runs."""

@@ -87,6 +87,13 @@ def test_commands_that_do_not_verify_are_refused_and_the_daemon_keeps_serving(
                     await client.request("server", ADMIN_CHANNEL, {"junk": 1}, timeout=10)
                 async with admin(kits) as session:
                     assert await session.list_jobs() == []
+                    # an admin's top-level cell is no site
+                    top_level = alice.cell(config=CONFIG)
+                    await top_level.start()
+                    try:
+                        assert [s.name for s in await session.sites()] == ["site-1"]
+                    finally:
+                        await top_level.stop()
             finally:
                 await site_cell.stop()
                 await client.stop()
