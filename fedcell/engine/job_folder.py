@@ -9,7 +9,8 @@ Layout::
 Config (shown as YAML; JSON and TOML hold the same tree)::
 
     format_version: 1
-    job: {name: cifar10, min_sites: 2}
+    job: {name: cifar10, min_sites: 2}    # wall_time: 6h, memory: 16GiB (optional: a deployed
+                                          # job's resource asks, read by each site's policy)
     nodes:
       - name: train
         controller: {type: "my_algos:FedAvgPlus", args: {rounds: 5, lr: 0.01}}
@@ -90,7 +91,9 @@ CONFIG_NAMES: dict[str, str] = {"json": "job.json", "yaml": "job.yaml", "toml": 
 
 _SCALARS = (bool, int, float, str)
 _TOP_KEYS = frozenset({"format_version", "job", "nodes", "executors", "custom_code", "files"})
-_JOB_KEYS = frozenset({"name", "min_sites"})
+#: ``wall_time`` and ``memory`` are resource asks for the sites' policies (read by their daemons
+#: from the config, :func:`fedcell.deploy.job_archive.job_meta`); loading accepts and skips them.
+_JOB_KEYS = frozenset({"name", "min_sites", "wall_time", "memory"})
 _NODE_KEYS = frozenset({"name", "controller", "after", "timeout"})
 _EXECUTOR_KEYS = frozenset({"executor", "tasks", "sites"})
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import tarfile
+import time
 from pathlib import Path
 
 import psutil
@@ -22,7 +24,9 @@ from site_helpers import (
 )
 
 from fedcell.deploy.commands import SignedCommand
+from fedcell.deploy.job_archive import pack_job
 from fedcell.deploy.site_daemon import SiteDaemon
+from fedcell.engine.job import Job
 from fedcell.errors import ConfigError, RemoteError
 
 pytestmark = pytest.mark.integration
@@ -230,35 +234,52 @@ def test_start_runs_the_job_process_and_stop_ends_it_or_discards_a_deployed_job(
     asyncio.run(main())
 
 
-def test_a_job_past_the_policys_wall_time_is_killed(kits: Path, tmp_path: Path) -> None:
+def _asking(tmp_path: Path, name: str, **asks: str) -> bytes:
+    """The archive of a job whose config asks for resources (``job.wall_time``, ``job.memory``)."""
+    folder = tmp_path / name
+    numpy_job(1).export(folder)
+    config = json.loads((folder / "job.json").read_text())
+    config["job"].update(asks)
+    (folder / "job.json").write_text(json.dumps(config))
+    Job.load(folder)  # the engine loads a folder with asks (it leaves them to the sites)
+    return pack_job(folder)
+
+
+def test_the_limits_a_job_asks_for_are_policed_and_enforced(kits: Path, tmp_path: Path) -> None:
     async def main() -> None:
-        # Prepare: a site that allows 2 s per job
+        # Prepare: a site that allows 3 s and 8 GiB per job; one job asks for 1 s and 4 GiB,
+        # one for more time than allowed
         policy = tmp_path / "policy.yml"
         policy.write_text(
             "submit: {roles: [project_admin]}\ncustom_code: {allow: [source]}\n"
-            "resources: {max_job_wall_time: 2s, max_memory_per_job: 8GiB}\n"
+            "resources: {max_job_wall_time: 3s, max_memory_per_job: 8GiB}\n"
         )
-        archive = archive_of(numpy_job(1), tmp_path)
+        modest = _asking(tmp_path, "modest", wall_time="1s", memory="4GiB")
+        greedy = _asking(tmp_path, "greedy", wall_time="1h")
         async with deployment(kits, tmp_path / "ws", policies={"site-1": policy}) as (server, _):
-            await ask(server, "site-1", deploy_request("j", submit_command(kits, archive), archive))
+            await ask(server, "site-1", deploy_request("j", submit_command(kits, modest), modest))
+            with pytest.raises(RemoteError) as refused:
+                await ask(server, "site-1", deploy_request("g", submit_command(kits, greedy),
+                                                           greedy))  # fmt: skip
             # Execute
             started = await ask(server, "site-1", {"op": "start", "job_id": "j"})
             limit = psutil.Process(started["pid"]).rlimit(psutil.RLIMIT_AS)
+            began = time.monotonic()
             states: list[str] = []
-
-            async def ended() -> bool:
+            while time.monotonic() - began < 20:
                 reply = await ask(server, "site-1", {"op": "status"})
                 states.append(reply["jobs"]["j"]["state"])
-                return states[-1] != "running"
-
-            for _ in range(200):
-                if await ended():
+                if states[-1] != "running":
                     break
                 await asyncio.sleep(0.1)
+            ran = time.monotonic() - began
 
-        # Assert: the memory limit applied to the process, the wall time stopped it
-        assert limit == (8 * 2**30, 8 * 2**30)
-        assert states[-1] == "killed: wall time"
+        # Assert: the job's own asks are the limits (its memory, its wall time)
+        assert refused.value.remote_type == "PolicyError"
+        assert "rule resources.max_job_wall_time" in str(refused.value)
+        assert "asks for 3600 s; this site allows 3 s" in str(refused.value)
+        assert limit == (4 * 2**30, 4 * 2**30)
+        assert states[-1] == "killed: wall time" and 1.0 <= ran < 3.0
         assert not psutil.pid_exists(started["pid"])
 
     asyncio.run(main())
