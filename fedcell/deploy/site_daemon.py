@@ -169,6 +169,7 @@ class SiteDaemon:
         self._config = config
         self._guard = ReplayGuard()
         self._jobs: dict[str, _SiteJob] = {}
+        self._deploying = asyncio.Lock()
         self._handlers: dict[str, Callable[[Mapping[str, Any]], Any]] = {
             "deploy": self._deploy,
             "start": self._start,
@@ -223,7 +224,8 @@ class SiteDaemon:
         archive = archive_bytes(request.get("archive"))
         command = verify_command(self.kit.ca_certificate, signed, replay_guard=self._guard)
         args = _submit_args(command.payload, job_id)
-        digest = hashlib.sha256(archive).hexdigest()
+        # Hashing and unpacking up to 256 MiB run on a thread: the loop keeps the heartbeats.
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(archive).hexdigest())
         if digest != args["archive_sha256"]:
             raise AuthenticationError(
                 f"deploy of job {job_id}: the archive's sha256 is {digest}, the admin "
@@ -235,24 +237,30 @@ class SiteDaemon:
                 f"{self.kit.name} refuses job {job_id}: the submitter {command.admin!r} chose "
                 f"the sites {chosen}, not this one"
             )
-        if job_id in self._jobs:
-            raise JobError(f"job {job_id} is already deployed at {self.kit.name}")
-        folder = self.workspace / "jobs" / job_id
-        if folder.exists():
-            raise JobError(f"job {job_id}: {folder} exists already at {self.kit.name}")
         submitter = Submitter(command.admin, frozenset({command.role}), authenticated=True)
+        async with self._deploying:  # one at a time: each counts the jobs admitted before it
+            if job_id in self._jobs:
+                raise JobError(f"job {job_id} is already deployed at {self.kit.name}")
+            folder = self.workspace / "jobs" / job_id
+            if folder.exists():
+                raise JobError(f"job {job_id}: {folder} exists already at {self.kit.name}")
+            running = sum(job.active for job in self._jobs.values())
+            job = await asyncio.to_thread(self._admit, archive, folder, submitter, running)
+            self._jobs[job_id] = job
+        logger.info("job %s (%s) of %s deployed", job_id, job.name, command.admin)
+        return {"accepted": True}
+
+    def _admit(self, archive: bytes, folder: Path, submitter: Submitter, running: int) -> _SiteJob:
+        """Unpack, read the job's metadata, ask the policy (on a thread); nothing left if refused."""
         try:
             unpack_job(archive, folder / "job")
             meta = job_meta(folder / "job")
             policy = self._policy()
-            running = sum(job.active for job in self._jobs.values())
             policy.check_submission(submitter, meta, running_jobs=running)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        self._jobs[job_id] = _SiteJob(job_id, meta.name, folder, policy.job_limits(meta))
-        logger.info("job %s (%s) of %s deployed", job_id, meta.name, command.admin)
-        return {"accepted": True}
+        return _SiteJob(folder.name, meta.name, folder, policy.job_limits(meta))
 
     async def _start(self, request: Mapping[str, Any]) -> dict[str, Any]:
         job = self._job(request)
