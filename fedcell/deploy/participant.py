@@ -7,8 +7,9 @@ with its workspace in ``--workspace`` (default: ``<kit>/workspace``):
   project's listen address (peers are admitted by their CA-signed curve keys and bound to their
   certificate names, :meth:`StartupKit.cell`), takes admin commands and runs jobs; stopping it
   aborts its running jobs;
-- a **site** connects to the server and serves tasks through a
-  :class:`~fedcell.engine.site_runtime.SiteRuntime` (the job layer adds jobs to it).
+- a **site** runs :class:`~fedcell.deploy.site_daemon.SiteDaemon`: it connects to the server,
+  takes the jobs its policy (``--policy``, default ``<kit>/policy.yml``) admits and runs their
+  site job processes; stopping it stops them.
 
 Joins and leaves are logged. Exit status: 0 after a signal, 2 when the kit is invalid or the server
 refuses or does not answer (``--connect-timeout``); a supervisor restarts the process. Admin kits
@@ -25,9 +26,9 @@ from pathlib import Path
 
 from fedcell.deploy.kit import StartupKit
 from fedcell.deploy.server_daemon import ServerDaemon
-from fedcell.engine.site_runtime import SiteRuntime
+from fedcell.deploy.site_daemon import SiteDaemon
 from fedcell.errors import ConfigError, FedcellError
-from fedcell.transports.cell import Cell, CellConfig, PeerEvent
+from fedcell.transports.cell import CellConfig
 
 __all__ = ["main", "serve"]
 
@@ -39,16 +40,18 @@ async def serve(
     stop: asyncio.Event,
     config: CellConfig | None = None,
     workspace: Path | None = None,
+    policy: Path | None = None,
 ) -> None:
-    """Run ``kit``'s daemon until ``stop`` is set (workspace default: ``<kit>/workspace``).
+    """Run ``kit``'s daemon until ``stop`` is set (workspace default: ``<kit>/workspace``;
+    ``policy``: a site's policy file, default the one in its kit).
 
     Raises
     ------
     ConfigError
         If ``kit`` is an admin's kit.
     ConnectError
-        If the server does not answer the handshake (a site's key it does not admit looks
-        the same: the handshake never completes).
+        If the server cannot listen, or a site's server does not answer the handshake (a site's
+        key it does not admit looks the same: the handshake never completes).
     CellError
         If the server refuses the site's hello.
     """
@@ -57,21 +60,8 @@ async def serve(
     workspace = workspace or kit.folder / "workspace"
     if kit.role == "server":
         await ServerDaemon(kit, workspace, config=config).run(stop)
-        return
-    cell: Cell = kit.cell(config=config)
-
-    def log_peer(name: str, event: PeerEvent) -> None:
-        logger.info("%s: %s %s", kit.name, name, event)
-
-    cell.add_peer_listener(log_peer)
-    runtime = SiteRuntime(cell)
-    try:
-        await cell.start()
-        logger.info("%s (site of %s) is up, linked to %s", kit.name, kit.project, cell.parent)
-        await stop.wait()
-    finally:
-        await runtime.close()
-        await cell.stop()
+    else:
+        await SiteDaemon(kit, workspace, policy, config=config).run(stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedcell.deploy.participant", description=__doc__)
     parser.add_argument("kit", type=Path, help="the startup kit folder")
     parser.add_argument("--workspace", type=Path, help="jobs and logs (default: KIT/workspace)")
+    parser.add_argument("--policy", type=Path, help="a site's policy file (default: in KIT)")
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -92,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         kit = StartupKit.load(args.kit)
-        await serve(kit, stop, CellConfig(connect_timeout=args.connect_timeout), args.workspace)
+        config = CellConfig(connect_timeout=args.connect_timeout)
+        await serve(kit, stop, config, args.workspace, args.policy)
 
     try:
         asyncio.run(run())
