@@ -179,6 +179,7 @@ class ServerDaemon:
         self._replay_guard = ReplayGuard()
         self._sites: dict[str, float] = {}  # connected site → since when
         self._running: dict[str, _RunningJob] = {}
+        self._stopping = False
         self._cell: Cell | None = None
         #: Set once the daemon listens (and cleared when it stopped).
         self.ready = asyncio.Event()
@@ -215,13 +216,15 @@ class ServerDaemon:
             await stop.wait()
         finally:
             self.ready.clear()
+            self._stopping = True
             try:
-                await asyncio.gather(
-                    *(
-                        self._abort_job(job_id, "the server daemon stopped")
-                        for job_id in list(self._running)
+                while self._running:  # a submission may have spawned one meanwhile
+                    await asyncio.gather(
+                        *(
+                            self._abort_job(job_id, "the server daemon stopped")
+                            for job_id in list(self._running)
+                        )
                     )
-                )
             finally:
                 await cell.stop()
                 self._cell = None
@@ -343,6 +346,13 @@ class ServerDaemon:
 
     async def _launch(self, info: JobInfo, paths: JobPaths) -> JobInfo:
         sites = tuple(info.sites)
+        if self._stopping:
+            await self._ask_sites(sites, {"op": "stop", "job_id": info.job_id})
+            self.store.save(dataclasses.replace(
+                info, state="aborted", ended_at=time.time(),
+                message="the server daemon stopped", sites=dict.fromkeys(sites, "aborted"),
+            ))  # fmt: skip
+            raise JobError(f"job {info.job_id} ({info.name}): the server daemon is stopping")
         paths.results.mkdir(parents=True, exist_ok=True)
         command = [
             *self._job_command,
@@ -469,28 +479,26 @@ class ServerDaemon:
 
     async def _watch(self, job_id: str, job: _RunningJob) -> None:
         """Wait for the job process to exit, tell the sites, record the end state."""
-        returncode = await job.process.wait()
-        paths = self.store.paths(job_id)
-        state, message = _outcome(paths, job_id, returncode, job.forced_end)
         try:
-            await self._ask_sites(job.sites, {"op": "stop", "job_id": job_id})
-        except FedcellError as exc:  # the cell is stopping: the sites' orphan timeout applies
-            logger.warning("job %s: could not tell the sites to stop: %s", job_id, exc)
-        info = self.store.get(job_id)
-        sites = {s: ("lost" if st == "lost" else state) for s, st in info.sites.items()}
-        self.store.save(
-            dataclasses.replace(
-                info,
-                state=state,
-                ended_at=time.time(),
-                sites=sites,
-                message=message,
+            returncode = await job.process.wait()
+            paths = self.store.paths(job_id)
+            state, message = _outcome(paths, job_id, returncode, job.forced_end)
+            try:
+                await self._ask_sites(job.sites, {"op": "stop", "job_id": job_id})
+            except FedcellError as exc:  # the cell is stopping: the sites' orphan timeout applies
+                logger.warning("job %s: could not tell the sites to stop: %s", job_id, exc)
+            info = self.store.get(job_id)
+            sites = {s: ("lost" if st == "lost" else state) for s, st in info.sites.items()}
+            self.store.save(dataclasses.replace(
+                info, state=state, ended_at=time.time(), sites=sites, message=message,
                 progress=read_progress(paths.results),
-            )
-        )
-        paths.pid_file.unlink(missing_ok=True)
-        self._running.pop(job_id, None)
-        logger.info("job %s %s (exit status %s) %s", job_id, state, returncode, message)
+            ))  # fmt: skip
+            paths.pid_file.unlink(missing_ok=True)
+            logger.info("job %s %s (exit status %s) %s", job_id, state, returncode, message)
+        except OSError as exc:
+            logger.error("job %s ended but its record cannot be written: %s", job_id, exc)
+        finally:
+            self._running.pop(job_id, None)
 
     async def _abort_job(self, job_id: str, message: str, *, state: str = "aborted") -> None:
         """SIGTERM the job process, SIGKILL its group after the grace; return once recorded."""
