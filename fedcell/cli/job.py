@@ -100,9 +100,9 @@ def templates() -> None:
     """List the job templates `fedcell job create` writes."""
     from fedcell.templates import TEMPLATES
 
-    table = Table(title="job templates")
-    table.add_column("name", style="bold")
-    table.add_column("description")
+    table = Table(title="job templates", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("description", min_width=30)
     table.add_column("nodes")
     for template in TEMPLATES.values():
         table.add_row(template.name, template.description, template.nodes)

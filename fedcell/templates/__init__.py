@@ -218,25 +218,25 @@ TEMPLATES: dict[str, Template] = {
     for template in (
         Template(
             "fedavg-pytorch",
-            "FedAvg of a Client-API training script (tiny torch model, synthetic data)",
+            "FedAvg of a Client-API script (tiny torch model, synthetic data)",
             "train (FedAvg)",
             _fedavg_pytorch,
         ),
         Template(
             "cyclic",
-            "one model trained site after site, lap after lap (cyclic weight transfer)",
+            "one model trained site after site, lap after lap",
             "cyclic (Cyclic)",
             _cyclic,
         ),
         Template(
             "cross-site-eval",
-            "FedAvg, then the global and every local model evaluated at every site",
+            "FedAvg, then every model evaluated at every site",
             "train (FedAvg) → cross_site (CrossSiteEval)",
             _cross_site_eval,
         ),
         Template(
             "split-learning",
-            "a network cut between a data site and a label site; labels never leave",
+            "a network cut between a data site and a label site",
             "split (SplitLearning)",
             _split_learning,
         ),
