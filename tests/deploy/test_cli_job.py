@@ -181,27 +181,30 @@ def test_template_job_runs_end_to_end(poc: Poc, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_same_job_finishes_in_every_config_format(poc: Poc, tmp_path: Path) -> None:
-    # Prepare: cyclic in yaml, cross-site evaluation in toml, a Python file defining `job`
-    invoke(["job", "create", "-t", "cyclic", str(tmp_path / "cyclic"), "--format", "yaml"])
-    invoke(["job", "create", "-t", "cross-site-eval", str(tmp_path / "cse"), "--format", "toml"])
-    python_job = tmp_path / "split_job.py"
+    # Prepare: fedavg-pytorch in yaml and toml (json: the test above), and two other workflows:
+    # cyclic from a Python file defining `job`, split learning (custom code with functions)
+    for config_format in ("yaml", "toml"):
+        folder = tmp_path / config_format
+        invoke(["job", "create", "-t", "fedavg-pytorch", str(folder), "--format", config_format])
+    python_job = tmp_path / "cyclic_job.py"
     python_job.write_text(
-        "from fedcell.templates import TEMPLATES\njob = TEMPLATES['split-learning'].build(None)\n"
+        "from fedcell.templates import TEMPLATES\n\njob = TEMPLATES['cyclic'].build(None)\n"
     )
+    invoke(["job", "create", "-t", "split-learning", str(tmp_path / "split")])
+    sources = [tmp_path / "yaml", tmp_path / "toml", python_job, tmp_path / "split"]
 
-    # Execute: all three run at once
-    ids = [
-        submitted_id(job(poc, ["submit", str(source)]))
-        for source in (tmp_path / "cyclic", tmp_path / "cse", python_job)
-    ]
+    # Execute: all four run at once
+    ids = [submitted_id(job(poc, ["submit", str(source)])) for source in sources]
     watched = [job(poc, ["status", job_id, "--watch"]) for job_id in ids]
 
     # Assert
-    for job_id, outcome in zip(ids, watched, strict=True):
-        record = status_of(poc, job_id)
+    records = [status_of(poc, job_id) for job_id in ids]
+    for outcome, record in zip(watched, records, strict=True):
         assert outcome.exit_code == 0 and record["state"] == "finished", (outcome.output, record)
-    names = [status_of(poc, job_id)["name"] for job_id in ids]
-    assert names == ["cyclic", "cross-site-eval", "split-learning"]
+    assert [r["name"] for r in records] == [
+        "fedavg-pytorch", "fedavg-pytorch", "cyclic", "split-learning"
+    ]  # fmt: skip
+    assert all(isinstance(r["progress"], dict) and r["progress"] for r in records)
 
 
 @pytest.mark.slow
