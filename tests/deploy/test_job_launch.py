@@ -20,6 +20,7 @@ import pytest
 from deploy_helpers import free_port, project_tree, provision_tree
 from site_helpers import (
     CONFIG,
+    JOB_NAME,
     archive_of,
     ask,
     deploy_request,
@@ -30,11 +31,13 @@ from site_helpers import (
 )
 from site_jobs import slow_add_one  # type: ignore[import-not-found]
 
+from fedcell.controllers import FedAvg
 from fedcell.deploy.job_archive import unpack_job
 from fedcell.deploy.job_launch import job_cell_name, server_job_command
 from fedcell.deploy.kit import StartupKit
 from fedcell.engine.job import Job
 from fedcell.errors import CellError, ConfigError
+from fedcell.executors.numpy_executor import NumpyExecutor
 from fedcell.transports.cell import Cell
 
 pytestmark = pytest.mark.integration
@@ -173,6 +176,31 @@ def test_a_site_job_process_killed_mid_job_crashes_the_job_naming_the_site(
         assert "site-2" in json.dumps(summary["nodes"]["train"]) + (summary["reason"] or "")
         assert states["site-2"] == "failed: exit status -9"
         assert states["site-1"] == "finished"
+
+    asyncio.run(main())
+
+
+def test_a_job_that_needs_one_site_per_round_goes_on_without_a_killed_site(
+    kits: Path, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        # Prepare: k-of-n with k = 1
+        job = Job(JOB_NAME)
+        job.add(FedAvg(rounds=6, min_clients=1, initial_params={"w": [0.0]}), name="train")
+        job.add_executor(NumpyExecutor(train=slow_add_one), tasks=("train",))
+        async with running_job(kits, tmp_path, job, "kon") as (process, pids, server):
+            await until((tmp_path / "results" / "progress.json").exists, 90, "a first round")
+            # Execute
+            psutil.Process(pids["site-2"]).kill()
+            status = await exited(process, 60, tmp_path / "server.log")
+            states = await settled_states(server, "kon")
+
+        # Assert: finished; the rounds after the loss had one result each
+        assert status == 0, (tmp_path / "server.log").read_text()
+        summary = json.loads((tmp_path / "results" / "result.json").read_text())
+        assert summary["state"] == "finished"
+        assert np.load(summary["models"]["train"])["w"].tolist() == [6.0]
+        assert states == {"site-1": "finished", "site-2": "failed: exit status -9"}
 
     asyncio.run(main())
 
