@@ -149,6 +149,7 @@ def test_template_job_runs_end_to_end(poc: Poc, tmp_path: Path) -> None:
 
     # Execute
     job_id = submitted_id(job(poc, ["submit", str(folder)]))
+    followed = job(poc, ["logs", job_id, "--follow"])  # returns once the job ended
     watched = job(poc, ["status", job_id, "--watch"])
     listed = job(poc, ["list"])
     shown = job(poc, ["status", job_id])
@@ -173,8 +174,9 @@ def test_template_job_runs_end_to_end(poc: Poc, tmp_path: Path) -> None:
     assert result["state"] == "finished"
     assert Path(result["models"]["train"]).name == "train.pt"
     assert (results / "train.pt").stat().st_size > 0
-    # Assert: the server's log and a site's log
-    assert server_log.exit_code == 0 and job_id in server_log.output
+    # Assert: the server's log (followed while the job ran, and read again) and a site's log
+    assert followed.exit_code == 0 and f"job {job_id} finished" in followed.output
+    assert server_log.exit_code == 0 and server_log.output == followed.output
     assert site_log.exit_code == 0 and "round 2: accuracy" in site_log.output
 
 
