@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from click.testing import CliRunner, Result
 
 from fedcell.cli import main as cli
 from fedcell.deploy.kit import StartupKit
-from fedcell.deploy.poc import ADMIN, admin_kit, processes
+from fedcell.deploy.poc import ADMIN, admin_kit, processes, stop
 from fedcell.engine.policy import JobMeta, SitePolicy, Submitter
 from fedcell.errors import PolicyError
 
@@ -189,3 +190,59 @@ def _runs_from(process: psutil.Process, workspace: Path) -> bool:
         )
     except psutil.Error:
         return False
+
+
+@pytest.mark.integration
+def test_stop_kills_a_daemon_that_ignores_sigterm(workspace: Path) -> None:
+    # Prepare: site-1's daemon is frozen, so SIGTERM stays pending
+    assert poc(["prepare", "-n", "1"]).exit_code == 0
+    assert poc(["start"]).exit_code == 0
+    recorded = {p.name: p.pid for p in processes(workspace)}
+    psutil.Process(recorded["site-1"]).suspend()
+
+    # Execute
+    stopped = stop(workspace, grace=1.0)
+
+    # Assert
+    assert sorted(p.name for p in stopped) == ["server", "site-1"]
+    assert all(gone(pid) for pid in recorded.values())
+    assert not (workspace / "poc.json").exists()
+
+
+@pytest.mark.integration
+def test_stop_ends_the_running_jobs_processes_too(workspace: Path, tmp_path: Path) -> None:
+    # Prepare: a POC running a job that would go on for a long time
+    assert poc(["prepare", "-n", "1"]).exit_code == 0
+    assert poc(["start"]).exit_code == 0
+    runner = CliRunner()
+    folder = tmp_path / "long"
+    assert runner.invoke(cli, ["job", "create", "-t", "fedavg-pytorch", str(folder)]).exit_code == 0
+    config = json.loads((folder / "job.json").read_text())
+    config["nodes"][0]["controller"]["args"]["rounds"] = 10_000
+    (folder / "job.json").write_text(json.dumps(config))
+    submitted = runner.invoke(cli, ["job", "submit", str(folder)])
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.output.split("job ", 1)[1].split()[0]
+    deadline = time.monotonic() + 60
+    while len(_job_processes(job_id)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    running = _job_processes(job_id)
+
+    # Execute
+    stopped = poc(["stop"])
+
+    # Assert: the job's server process and its site process ran, and are gone with the daemons
+    assert len(running) == 2, [p.cmdline() for p in running]
+    assert stopped.exit_code == 0, stopped.output
+    assert _job_processes(job_id) == []
+
+
+def _job_processes(job_id: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE and job_id in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
