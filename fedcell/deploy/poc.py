@@ -133,6 +133,10 @@ def prepare(n_sites: int, workspace: Path, *, force: bool = False) -> ProvisionR
     if n_sites < 1:
         raise ConfigError(f"a POC needs at least one site, not {n_sites}")
     if workspace.exists() and any(workspace.iterdir()):
+        if not (workspace / _MARKER).is_file():
+            raise ConfigError(
+                f"{workspace} is not empty and not a POC workspace: choose another --workspace"
+            )
         if not force:
             raise ConfigError(
                 f"{workspace} is already prepared: `fedcell poc prepare --force` prepares it "

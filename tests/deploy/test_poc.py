@@ -93,11 +93,13 @@ def test_clean_removes_only_a_poc_workspace(workspace: Path, tmp_path: Path) -> 
 
     # Execute
     refused = poc(["clean", "--workspace", str(precious)])
+    not_prepared = poc(["prepare", "--force", "--workspace", str(precious)])
     cleaned = poc(["clean"])
 
     # Assert
     assert refused.exit_code == 1 and "is not a POC workspace" in refused.output
-    assert (precious / "data.csv").exists()
+    assert not_prepared.exit_code == 1 and "not a POC workspace" in not_prepared.output
+    assert [p.name for p in precious.iterdir()] == ["data.csv"]
     assert cleaned.exit_code == 0 and not workspace.exists()
 
 
