@@ -30,7 +30,7 @@ import asyncio
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -80,10 +80,10 @@ def kit_option(command: F) -> F:
     )(command)
 
 
-def with_admin(kit: Path | None, action: Callable[[AdminClient], Any]) -> Any:
+def with_admin(kit: Path | None, action: Callable[[AdminClient], Awaitable[T]]) -> T:
     """Run ``await action(admin)`` with a connected admin client of ``kit``."""
 
-    async def main() -> Any:
+    async def main() -> T:
         from fedcell.deploy.admin import AdminClient
 
         async with AdminClient(resolve_admin_kit(kit)) as admin:
