@@ -83,9 +83,7 @@ def test_hello_pytorch_job_completes_across_namespaces_on_a_1gbit_link(
     assert Path(summary["models"]["train"]).is_file()
 
 
-def test_a_1gib_model_streams_intact_across_a_1gbit_link(
-    lab: Lab, tmp_path: Path, record_property: pytest.RecordProperty
-) -> None:
+def test_a_1gib_model_streams_intact_across_a_1gbit_link(lab: Lab, tmp_path: Path) -> None:
     # Prepare: codec "none", so that all 1 GiB crosses the link (random float32 values in
     # 64 MiB arrays, built by the site process: a dict of arrays as a model's state dict)
     server, site = start_pair(lab, tmp_path, "--codec", "none")
@@ -103,9 +101,9 @@ def test_a_1gib_model_streams_intact_across_a_1gbit_link(
     assert reply["digest"] == sent["digest"]
     seconds = sent["seconds"]
     assert seconds > 1024 * MiB / 125e6  # the cap holds: not faster than 1 Gbit/s
-    record_property("seconds", round(seconds, 2))
-    record_property("receiver_peak_rss_mib", round(server_report["peak_rss_mib"], 1))
-    assert server_report["peak_rss_mib"] <= 1024 + 128
+    peak_rss = server_report["peak_rss_mib"]
+    print(f"1 GiB over 1 Gbit/s in {seconds:.2f} s; receiver peak RSS {peak_rss:.0f} MiB")  # -rP
+    assert peak_rss <= 1024 + 128
     assert server_report["delivered"] == [sent["digest"]]
     assert site_report["streams"]["peak_in_flight"] <= 32 * MiB
 
@@ -133,11 +131,14 @@ def test_streams_through_a_20ms_proxy_and_connections_cut_mid_stream(
         site.send_line(f"send {mib} {seed} random")
         return site.read_json(120)
 
-    # Execute + Assert: a stream through the delaying proxy completes
+    # Execute + Assert: a request round trip costs both delays; a stream through the proxy
+    # completes
+    empty = send(0, 0)
+    assert empty["ok"] and empty["seconds"] >= 0.04, empty
     first = send(64, 1)
     assert first["ok"], first
     assert first["reply"]["digest"] == first["digest"]
-    delivered = [first["digest"]]
+    delivered = [empty["digest"], first["digest"]]
     # Cut every connection after 100 MiB of a 256 MiB stream (chunks still queued at the
     # sender), then just before its end (everything sent, the receiver short of the tail)
     for cut_after in (100 * MiB, 256 * MiB - 3 * MiB // 2):
