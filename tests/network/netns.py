@@ -11,8 +11,9 @@ Contract
 --------
 - :class:`Lab` is a context manager. Everything it creates is removed on the way out, also when a
   test failed or the lab's own setup failed halfway: processes started with :meth:`Lab.spawn`
-  are killed and reaped first, then every namespace is deleted (deleting a namespace deletes the
-  veth ends inside it, their peers, and the qdiscs on them). Nothing is created in the host's
+  are killed and reaped first, and any other process still inside one of its namespaces (a
+  child's own children) is killed, then every namespace is deleted (deleting a namespace deletes
+  the veth ends inside it, their peers, and the qdiscs on them). Nothing is created in the host's
   namespace, so nothing can be left there.
 - Names are unique per lab (``fc<8 hex>-<label>`` namespaces, ``fc<6 hex><n><a|b>`` interfaces,
   within Linux's 15-character limit), so parallel runs on one machine do not collide; the
@@ -27,11 +28,13 @@ Contract
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import select
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -200,12 +203,18 @@ class Lab:
         return child
 
     def close(self) -> None:
-        """Kill the lab's processes, then delete its namespaces (idempotent)."""
+        """Kill the lab's processes and any process left in its namespaces (a child's own
+        children), then delete the namespaces (idempotent)."""
         for child in self._children:
             child.kill()
         self._children.clear()
         errors = []
         for namespace in reversed(self._namespaces):
+            pids = subprocess.run(["ip", "netns", "pids", namespace.name],
+                                  capture_output=True, text=True, check=False).stdout.split()  # fmt: skip
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
             result = subprocess.run(["ip", "netns", "del", namespace.name],
                                     capture_output=True, text=True, check=False)  # fmt: skip
             if result.returncode != 0:
