@@ -183,11 +183,12 @@ def test_template_job_runs_end_to_end(poc: Poc, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_same_job_finishes_in_every_config_format(poc: Poc, tmp_path: Path) -> None:
-    # Prepare: fedavg-pytorch in yaml and toml (json: the test above), and two other workflows:
-    # cyclic from a Python file defining `job`, split learning (custom code with functions)
-    for config_format in ("yaml", "toml"):
-        folder = tmp_path / config_format
-        invoke(["job", "create", "-t", "fedavg-pytorch", str(folder), "--format", config_format])
+    # Prepare: fedavg-pytorch in yaml and toml (json: the test above; toml bound to site-2 only),
+    # and two other workflows: cyclic from a Python file defining `job`, split learning (custom
+    # code referenced as functions)
+    invoke(["job", "create", "-t", "fedavg-pytorch", str(tmp_path / "yaml"), "--format", "yaml"])
+    invoke(["job", "create", "-t", "fedavg-pytorch", str(tmp_path / "toml"), "--format", "toml",
+            "--sites", "site-2"])  # fmt: skip
     python_job = tmp_path / "cyclic_job.py"
     python_job.write_text(
         "from fedcell.templates import TEMPLATES\n\njob = TEMPLATES['cyclic'].build(None)\n"
@@ -207,6 +208,10 @@ def test_the_same_job_finishes_in_every_config_format(poc: Poc, tmp_path: Path) 
         "fedavg-pytorch", "fedavg-pytorch", "cyclic", "split-learning"
     ]  # fmt: skip
     assert all(isinstance(r["progress"], dict) and r["progress"] for r in records)
+    assert records[1]["sites"] == {"site-2": "finished"}  # the sites its executors name
+    assert records[0]["sites"] == records[2]["sites"] == records[3]["sites"] == {
+        "site-1": "finished", "site-2": "finished"
+    }  # fmt: skip
 
 
 @pytest.mark.slow
