@@ -158,20 +158,25 @@ def main() -> None:
                         summary[f"{key}_auto_codecs"] = run["codecs"]
                 none = summary[f"{key}_none_mbps"]
                 for name in ("lz4", "zstd", "auto"):
-                    summary[f"{key}_{name}_vs_none"] = round(summary[f"{key}_{name}_mbps"] / none, 2)
+                    ratio = summary[f"{key}_{name}_mbps"] / none
+                    summary[f"{key}_{name}_vs_none"] = round(ratio, 2)
     summary["bf16_compression_ratio"] = compression_ratios(64)
     summary["seconds"] = round(time.monotonic() - started, 1)
     if args.json:
         print(json.dumps(summary))
         return
-    print("stream throughput over tbf-capped veth links between namespaces, bf16-precision float32")
-    print(f"{'link':>8} {'MiB':>4} {'tcp MB/s':>9} " + " ".join(f"{n + ' MB/s':>10}" for n in CODECS)
-          + f" {'lz4/none':>9} {'zstd/none':>10} {'auto/none':>10}  auto chose")  # fmt: skip
+    print("stream throughput over tbf-capped veth links between namespaces, bf16-precision "
+          "float32 weights")
+    codec_heads = " ".join(f"{name + ' MB/s':>10}" for name in CODECS)
+    print(f"{'link':>8} {'MiB':>4} {'tcp MB/s':>9} {codec_heads} {'lz4/none':>9} "
+          f"{'zstd/none':>10} {'auto/none':>10}  auto chose")  # fmt: skip
     for key, (rate, _) in LINKS.items():
+        row = {name: summary[f"{key}_{name}_mbps"] for name in CODECS}
+        vs_none = [summary[f"{key}_{name}_vs_none"] for name in ("lz4", "zstd", "auto")]
         print(f"{rate:>8} {summary['payload_mib'][key]:>4} {summary[f'{key}_tcp_mbps']:>9.1f} "
-              + " ".join(f"{summary[f'{key}_{n}_mbps']:>10.1f}" for n in CODECS)
-              + f" {summary[f'{key}_lz4_vs_none']:>9.2f} {summary[f'{key}_zstd_vs_none']:>10.2f}"
-              f" {summary[f'{key}_auto_vs_none']:>10.2f}  {', '.join(summary[f'{key}_auto_codecs'])}")  # fmt: skip
+              + " ".join(f"{row[name]:>10.1f}" for name in CODECS)
+              + f" {vs_none[0]:>9.2f} {vs_none[1]:>10.2f} {vs_none[2]:>10.2f}  "
+              + ", ".join(summary[f"{key}_auto_codecs"]))  # fmt: skip
     ratios = summary["bf16_compression_ratio"]
     print(f"compression ratio of these weights: blosc2-lz4 {ratios['lz4']}, "
           f"blosc2-zstd {ratios['zstd']} ({summary['seconds']} s)")

@@ -210,9 +210,9 @@ class Lab:
         self._children.clear()
         errors = []
         for namespace in reversed(self._namespaces):
-            pids = subprocess.run(["ip", "netns", "pids", namespace.name],
-                                  capture_output=True, text=True, check=False).stdout.split()  # fmt: skip
-            for pid in pids:
+            listed = subprocess.run(["ip", "netns", "pids", namespace.name],
+                                    capture_output=True, text=True, check=False)  # fmt: skip
+            for pid in listed.stdout.split():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
             result = subprocess.run(["ip", "netns", "del", namespace.name],

@@ -32,8 +32,9 @@ def start_pair(lab: Lab, tmp_path: Path, *args: str) -> tuple[Child, Child]:
     10.77.0.2, joined by a 1 Gbit/s link; both ready."""
     server_ns, site_ns = lab.namespace("srv"), lab.namespace("site")
     server_ip, _ = lab.link(server_ns, site_ns, rate="1gbit")
-    server = lab.spawn(server_ns, [PYTHON, PEER, "server", "--listen",
-                                   f"tcp://{server_ip}:{PORT}", *args], tmp_path / "server.log")  # fmt: skip
+    listen = f"tcp://{server_ip}:{PORT}"
+    server = lab.spawn(server_ns, [PYTHON, PEER, "server", "--listen", listen, *args],
+                       tmp_path / "server.log")  # fmt: skip
     url = server.read_line(60).split()[1]
     site = lab.spawn(site_ns, [PYTHON, PEER, "site", "--parent", url, *args], tmp_path / "site.log")
     assert site.read_line(60) == "ready"
