@@ -41,14 +41,17 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from fedcell.engine.dispatcher import TaskResult
-from fedcell.errors import ProtocolError
+from fedcell.engine.dispatcher import StreamingFold, TaskResult
+from fedcell.errors import ProtocolError, StreamCancelledError
 from fedcell.fl_model import FLModel, ParamsType
+from fedcell.transports.array_sink import ArraySink
+from fedcell.transports.codec import ArraySpec
 
 __all__ = [
     "ADD_BLOCK_ELEMENTS",
@@ -82,6 +85,8 @@ def _is_array(value: object) -> bool:
 
 
 def _float_dtype_name(value: Any) -> str:
+    if isinstance(value, ArraySpec) and value.library == "numpy":
+        return np.dtype(value.dtype).name  # specs name numpy dtypes by their code ("<f4")
     return str(value.dtype).removeprefix("torch.")
 
 
@@ -174,7 +179,7 @@ def _weight_of(model: FLModel, weigh_by: str | None, site: str) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-class WeightedMean:
+class WeightedMean(StreamingFold):
     """Running weighted mean of :class:`~fedcell.fl_model.FLModel` params and metrics.
 
     Parameters
@@ -206,20 +211,120 @@ class WeightedMean:
         self.params_type: ParamsType | None = None
         self.count = 0
         self._finalized: str | None = None  # "mean" or "update": the accumulators' content
+        self._streams: dict[str, _FoldingStream] = {}
 
     def fold(self, result: TaskResult) -> None:
-        """Add an ok result's FLModel (the ``fold`` callback of ``broadcast_and_wait``).
+        """Add an ok result's FLModel (the ``fold`` of ``broadcast_and_wait``); a result that
+        :meth:`open_stream` already folded while it streamed in is skipped.
 
         Raises
         ------
         ProtocolError
             If the result is not a usable FLModel (see :meth:`add`).
         """
+        stream = self._streams.get(result.site)
+        if stream is not None and stream.state == "done":
+            return
         if not isinstance(result.data, FLModel):
             raise ProtocolError(
                 f"{result.site}: expected an FLModel, got {type(result.data).__name__}"
             )
         self.add(result.data, site=result.site)
+
+    def open_stream(self, result: TaskResult) -> ArraySink | None:
+        """Fold ``result``'s params chunk by chunk while they stream in (see the module
+        docstring). ``result.data`` is the FLModel with an ``ArraySpec`` for each array; it is
+        checked whole, as :meth:`add` checks a model, before any byte is added. Returns ``None``
+        (take the result whole) when this mean averages metrics only or the model carries
+        arrays outside ``params``.
+
+        Raises
+        ------
+        ProtocolError
+            As :meth:`add`.
+        """
+        site, model = result.site, result.data
+        if not isinstance(model, FLModel):
+            raise ProtocolError(f"{site}: expected an FLModel, got {type(model).__name__}")
+        if not self._averages_params or _holds_spec(
+            (model.meta, model.metrics, model.optimizer_params)
+        ):
+            return None
+        specs: dict[str, ArraySpec] = self._checked_params(model, site, streamed=True)
+        weight = self._checked_model(model, site)
+        targets: dict[int, tuple[np.ndarray, ArraySpec]] = {}
+        for name, spec in specs.items():
+            if name not in self._sums:
+                self._sums[name] = zeros_like(self.reference[name], self._precision_of(name))
+                self._weights[name] = 0.0
+            targets[spec.frame] = (_flat_numpy(self._sums[name]), spec)
+        metrics = dict(model.metrics or {})
+        stream = _FoldingStream(self, result, weight, targets, list(specs), metrics)
+        self._streams[site] = stream
+        return stream
+
+    def discard(self, site: str) -> bool:
+        """Take no more of ``site``'s result stream; return whether any of it was folded."""
+        stream = self._streams.get(site)
+        if stream is None:
+            return False
+        touched = stream.written or stream.state == "done"
+        stream.close("discarded")
+        return touched
+
+    def reset(self) -> None:
+        """Forget every result folded (the round restarts); open streams take no more chunks.
+
+        Raises
+        ------
+        RuntimeError
+            If :meth:`mean` or :meth:`update` already finalized the accumulators.
+        """
+        if self._finalized is not None:
+            raise RuntimeError(f"WeightedMean.reset after {self._finalized}(): the result is final")
+        for stream in self._streams.values():
+            stream.close("discarded")
+        self._streams.clear()
+        self._sums.clear()
+        self._weights.clear()
+        self._metric_sums.clear()
+        self._metric_weights.clear()
+        self.params_type = None
+        self.count = 0
+
+    def _commit(self, names: list[str], weight: float, metrics: Mapping[str, Any]) -> None:
+        """A streamed result arrived whole and verified: count its weight and metrics."""
+        for name in names:
+            self._weights[name] += weight
+        self._add_metrics(metrics, weight)
+        self.count += 1
+
+    def _checked_model(self, model: FLModel, site: str) -> float:
+        """Check ``model``'s meta, metrics and params type; return its weight."""
+        if self._finalized is not None:
+            raise RuntimeError(f"WeightedMean.add after {self._finalized}(): the result is final")
+        if not isinstance(model.meta, Mapping):
+            raise ProtocolError(f"{site}: meta must be a dict, not {type(model.meta).__name__}")
+        if model.metrics is not None and not isinstance(model.metrics, Mapping):
+            raise ProtocolError(
+                f"{site}: metrics must be a dict, not {type(model.metrics).__name__}"
+            )
+        weight = _weight_of(model, self.weigh_by, site)
+        if self._averages_params:
+            kind = ParamsType(model.params_type or ParamsType.FULL)
+            if self.params_type is None:
+                self.params_type = kind
+            elif kind is not self.params_type:
+                raise ProtocolError(
+                    f"{site}: sent {kind} params in a round of {self.params_type} params"
+                )
+        return weight
+
+    def _add_metrics(self, metrics: Mapping[str, Any], weight: float) -> None:
+        for name, metric in metrics.items():
+            if _is_number(metric) and math.isfinite(metric):
+                self._metric_sums[name] = self._metric_sums.get(name, 0.0) + weight * metric
+                self._metric_weights[name] = self._metric_weights.get(name, 0.0) + weight
 
     def add(self, model: FLModel, site: str = "a site") -> None:
         """Fold ``model`` in; nothing is added when it is rejected.
@@ -230,25 +335,13 @@ class WeightedMean:
             If its params are not a dict of arrays with the reference's keys and shapes, its
             params type differs from the round's, or its weight is not a positive number.
         """
-        if self._finalized is not None:
-            raise RuntimeError(f"WeightedMean.add after {self._finalized}(): the result is final")
-        if not isinstance(model.meta, Mapping):
-            raise ProtocolError(f"{site}: meta must be a dict, not {type(model.meta).__name__}")
-        if model.metrics is not None and not isinstance(model.metrics, Mapping):
-            raise ProtocolError(
-                f"{site}: metrics must be a dict, not {type(model.metrics).__name__}"
-            )
-        weight = _weight_of(model, self.weigh_by, site)
         params: dict[str, Any] = {}
         if self._averages_params:
-            params = self._checked_params(model, site)
-            kind = ParamsType(model.params_type or ParamsType.FULL)
-            if self.params_type is None:
-                self.params_type = kind
-            elif kind is not self.params_type:
-                raise ProtocolError(
-                    f"{site}: sent {kind} params in a round of {self.params_type} params"
-                )
+            params = {
+                name: _in_library_of(value, self.reference[name])
+                for name, value in self._checked_params(model, site).items()
+            }
+        weight = self._checked_model(model, site)
         for name, value in params.items():
             if name not in self._sums:
                 self._weights[name] = weight
@@ -260,10 +353,7 @@ class WeightedMean:
                 self._weights[name] = 0.0
             add_into(self._sums[name], value, weight)
             self._weights[name] += weight
-        for name, metric in (model.metrics or {}).items():
-            if _is_number(metric) and math.isfinite(metric):
-                self._metric_sums[name] = self._metric_sums.get(name, 0.0) + weight * metric
-                self._metric_weights[name] = self._metric_weights.get(name, 0.0) + weight
+        self._add_metrics(model.metrics or {}, weight)
         self.count += 1
 
     def _adopt(self, name: str, value: Any, weight: float) -> Any | None:
@@ -300,7 +390,11 @@ class WeightedMean:
             return "float64"
         return self._precision
 
-    def _checked_params(self, model: FLModel, site: str) -> dict[str, Any]:
+    def _checked_params(
+        self, model: FLModel, site: str, *, streamed: bool = False
+    ) -> dict[str, Any]:
+        """``model``'s params, each checked against the reference (arrays, or the
+        ``ArraySpec`` of each array of a result still streaming in)."""
         if not isinstance(model.params, Mapping):
             raise ProtocolError(
                 f"{site}: params must be a dict of arrays, not {type(model.params).__name__}"
@@ -310,7 +404,7 @@ class WeightedMean:
             reference = self.reference.get(name)
             if reference is None:
                 raise ProtocolError(f"{site}: param {name!r} is not in the global model")
-            if not _is_array(value):
+            if not (isinstance(value, ArraySpec) if streamed else _is_array(value)):
                 raise ProtocolError(
                     f"{site}: param {name!r} is {type(value).__name__}, not an array or tensor"
                 )
@@ -321,7 +415,7 @@ class WeightedMean:
                 )
             if _float_dtype_name(value).startswith("complex"):
                 raise ProtocolError(f"{site}: param {name!r} is complex")
-            checked[name] = _in_library_of(value, reference)
+            checked[name] = value
         return checked
 
     def mean(self) -> dict[str, Any]:
@@ -352,3 +446,99 @@ class WeightedMean:
         return {
             name: total / self._metric_weights[name] for name, total in self._metric_sums.items()
         }
+
+
+# ------------------------------------------------------------------------------------------------
+# folding a result while it streams in
+
+
+class _FoldingStream(ArraySink):
+    """One site's result, folded chunk by chunk into its :class:`WeightedMean`'s accumulators.
+
+    ``state``: ``"open"`` (chunks are being added), ``"done"`` (arrived whole and verified:
+    weight and metrics counted), ``"failed"`` (the stream broke) or ``"discarded"`` (the mean
+    takes no more of it; a late chunk fails the stream).
+    """
+
+    # It holds its mean weakly: the mean holds its streams, and a reference cycle would keep the
+    # accumulators (one model) alive until the cyclic garbage collector happens to run.
+
+    def __init__(
+        self,
+        mean: WeightedMean,
+        result: TaskResult,
+        weight: float,
+        targets: dict[int, tuple[np.ndarray, ArraySpec]],
+        names: list[str],
+        metrics: dict[str, Any],
+    ) -> None:
+        self.state = "open"
+        self.written = False
+        self._mean = weakref.ref(mean)
+        self._result = result
+        self._weight = weight
+        self._targets = targets
+        self._names = names
+        self._metrics = metrics
+
+    def write(self, frame: int, start: int, data: memoryview) -> None:
+        if self.state != "open":
+            raise StreamCancelledError(f"{self._result.site}: its result is no longer aggregated")
+        accumulator, spec = self._targets[frame]
+        values = _chunk_values(data, spec)
+        first = start // (data.nbytes // values.size) if values.size else 0
+        self.written = True
+        add_into(accumulator[first : first + values.size], values, self._weight)
+
+    def finish(self) -> TaskResult:
+        if self.state != "open":
+            raise StreamCancelledError(f"{self._result.site}: its result is no longer aggregated")
+        mean = self._mean()
+        if mean is None:
+            raise StreamCancelledError(f"{self._result.site}: its aggregate is gone")
+        self.close("done")
+        mean._commit(self._names, self._weight, self._metrics)
+        return self._result
+
+    def abort(self, error: Exception) -> None:
+        self.close("failed")
+
+    def close(self, state: str) -> None:
+        """Leave the ``"open"`` state for ``state`` (no-op once closed): no more chunks."""
+        if self.state == "open":
+            self.state = state
+            self._targets = {}
+
+
+def _holds_spec(value: object) -> bool:
+    """Whether an array (an ``ArraySpec`` in a streamed result's skeleton) is inside ``value``."""
+    if isinstance(value, ArraySpec):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_spec(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_spec(v) for v in value)
+    return False
+
+
+def _flat_numpy(accumulator: Any) -> np.ndarray:
+    """A flat numpy view of a contiguous float32/float64 accumulator (array or CPU tensor)."""
+    if isinstance(accumulator, np.ndarray):
+        return accumulator.reshape(-1)
+    flat: np.ndarray = accumulator.numpy().reshape(-1)
+    return flat
+
+
+def _chunk_values(data: memoryview, spec: ArraySpec) -> np.ndarray:
+    """Whole elements of a streamed array as numpy numbers (bf16 and float8 widened exactly to
+    float32; the accumulator is at least float32)."""
+    if spec.dtype == "bfloat16":  # the top half of a float32: widen by shifting, exactly
+        bits = np.frombuffer(data, dtype=np.uint16)
+        widened: np.ndarray = (bits.astype(np.uint32) << 16).view(np.float32)
+        return widened
+    if spec.dtype.startswith("float8"):
+        import torch
+
+        raw = torch.frombuffer(bytearray(data), dtype=getattr(torch, spec.dtype))
+        return raw.float().numpy()
+    return np.frombuffer(data, dtype=np.dtype(spec.dtype))

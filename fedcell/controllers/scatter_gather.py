@@ -319,7 +319,7 @@ class ScatterGather(Controller):
     ) -> list[TaskResult]:
         try:
             return await ctx.dispatcher.broadcast_and_wait(
-                task, targets, min_responses=needed, timeout=self.round_timeout, fold=mean.fold
+                task, targets, min_responses=needed, timeout=self.round_timeout, fold=mean
             )
         except TooFewResultsError as exc:
             raise TooFewResultsError(

@@ -33,6 +33,30 @@ raises :class:`~fedcell.errors.TooFewResultsError` (listing who dropped and why)
 many ok results can no longer come. Its ``fold`` callback hands each ok result to the caller as
 it arrives and keeps only its record, so the server holds one aggregate, not n results.
 
+Streaming fold
+--------------
+A fold that is a :class:`StreamingFold` goes one step further: an implementation that receives
+results as streams (:class:`~fedcell.engine.cell_dispatcher.CellDispatcher`) asks it, at the
+moment a result starts streaming in, for an :class:`~fedcell.transports.array_sink.ArraySink`
+that adds each verified chunk into the aggregate as it arrives. The result is then never whole
+in memory: a server aggregating n results of S bytes holds the aggregate plus about a stream
+window per result in flight. The result's non-array content (site, status, metadata, weight,
+every array's dtype and shape) is known before its first byte, so the fold validates it whole
+first and rejects it (:class:`~fedcell.errors.ProtocolError`, recorded as ``"failed"``) before
+anything is added.
+
+Failure is the hard part: a stream that fails after some of its chunks were added (the site was
+lost, the stream stalled or was cut off at the round's deadline, a later chunk was corrupted)
+leaves part of a result in the aggregate, and the bytes to take it back are gone.
+:meth:`Dispatcher.broadcast_and_wait` therefore **restarts the task without that site**: it
+cancels what is still pending, :meth:`StreamingFold.reset` empties the aggregate, and the task
+goes again to every target that answered ok or was still working (their results were in the
+discarded aggregate); the site whose stream broke keeps its failure record, and the k-of-n rule
+applies to the smaller set. Each restart drops at least one site, so a task restarts at most
+``len(targets) - min_responses`` times before it completes or fails with
+:class:`~fedcell.errors.TooFewResultsError`. A failure before the first chunk was added (the
+site crashed while training, the result was rejected) costs nothing: no restart.
+
 A controller is one class with ``async run(ctx) -> output``; ``ctx.inputs`` holds the outputs of
 the DAG nodes it depends on, keyed by node name.
 """
@@ -49,12 +73,14 @@ from typing import Any, Literal
 
 from fedcell.engine.progress import ProgressEvent
 from fedcell.errors import ConfigError, FedcellError, ProtocolError, TooFewResultsError
+from fedcell.transports.array_sink import ArraySink
 from fedcell.transports.codec import wire_type
 
 __all__ = [
     "Controller",
     "ControllerContext",
     "Dispatcher",
+    "StreamingFold",
     "Task",
     "TaskHandle",
     "TaskResult",
@@ -108,6 +134,44 @@ class TaskResult:
     def describe(self) -> str:
         """``"site-1: ok"`` or ``"site-2: timeout (no result within 5 s)"``."""
         return f"{self.site}: {self.status}" + (f" ({self.error})" if self.error else "")
+
+
+class StreamingFold(abc.ABC):
+    """An aggregate that takes ok results as they arrive: whole, or chunk by chunk while they
+    stream in (see the module docstring). Pass one as ``broadcast_and_wait(fold=...)``."""
+
+    @abc.abstractmethod
+    def fold(self, result: TaskResult) -> None:
+        """Add an ok result; a result whose stream this fold already took is skipped.
+
+        Raises
+        ------
+        ProtocolError
+            If the result is not usable; nothing of it is added.
+        """
+
+    @abc.abstractmethod
+    def open_stream(self, result: TaskResult) -> ArraySink | None:
+        """An ok result starts streaming in: its data holds an
+        :class:`~fedcell.transports.codec.ArraySpec` in place of each array. Return a sink that
+        adds the arrays as their chunks arrive (its ``finish`` adds the rest of the result and
+        returns it), or ``None`` to take the result whole through :meth:`fold`.
+
+        Raises
+        ------
+        ProtocolError
+            If the result is not usable (checked before any byte is added).
+        """
+
+    @abc.abstractmethod
+    def discard(self, site: str) -> bool:
+        """``site``'s result did not arrive ok: take nothing more from its stream (its sink
+        fails the next chunk). Return whether part of it was already added (the aggregate is
+        then tainted and the task must restart)."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget everything added and stop every open stream: the task is asked again."""
 
 
 class TaskHandle(abc.ABC):
@@ -196,9 +260,19 @@ class Dispatcher(abc.ABC):
         """Names of the sites taking part in the job (those currently connected)."""
 
     @abc.abstractmethod
-    def broadcast(self, task: Task, targets: Sequence[str] | None = None) -> TaskHandle:
+    def broadcast(
+        self,
+        task: Task,
+        targets: Sequence[str] | None = None,
+        *,
+        fold: StreamingFold | None = None,
+    ) -> TaskHandle:
         """Send ``task`` to ``targets`` (default: all :attr:`sites`); results stream from the
         handle, one per target.
+
+        An implementation that receives results as streams offers each streamed ok result to
+        ``fold.open_stream`` and yields it, once its stream verified, with the data the sink's
+        ``finish`` returned; others ignore ``fold`` (the caller folds whole results).
 
         Raises
         ------
@@ -236,7 +310,7 @@ class Dispatcher(abc.ABC):
         *,
         min_responses: int | None = None,
         timeout: float | None = None,
-        fold: Callable[[TaskResult], None] | None = None,
+        fold: Callable[[TaskResult], None] | StreamingFold | None = None,
     ) -> list[TaskResult]:
         """Broadcast and collect one result per target, in arrival order.
 
@@ -251,10 +325,14 @@ class Dispatcher(abc.ABC):
         timeout:
             Seconds to wait; overrides ``task.timeout``.
         fold:
-            Called with each ok result as it arrives; the returned list then records that result
-            without its data, so the caller keeps one aggregate instead of n results. ``fold``
-            rejects a malformed result by raising :class:`~fedcell.errors.ProtocolError`: it is
-            recorded as ``"failed"`` and does not count as ok.
+            Called with each ok result as it arrives (a :class:`StreamingFold`: its ``fold``);
+            the returned list then records that result without its data, so the caller keeps
+            one aggregate instead of n results. ``fold`` rejects a malformed result by raising
+            :class:`~fedcell.errors.ProtocolError`: it is recorded as ``"failed"`` and does not
+            count as ok. A :class:`StreamingFold` may also take results while they stream in;
+            the task then restarts without a site whose stream broke midway (see the module
+            docstring), and the list holds the records of the sites dropped on the way followed
+            by the last attempt's results.
 
         Raises
         ------
@@ -274,22 +352,36 @@ class Dispatcher(abc.ABC):
             )
         if timeout is not None:
             task = replace(task, timeout=timeout)
-        handle = self.broadcast(task, chosen)
-        results: list[TaskResult] = []
-        ok_count = 0
-        try:
-            async for result in handle:
-                if result.ok and fold is not None:
-                    result = _folded(result, fold)
-                ok_count += result.ok
-                results.append(result)
-                if ok_count + len(chosen) - len(results) < needed:
-                    await handle.cancel(f"{needed} ok results can no longer come")
-                    results.extend([late async for late in handle])
-                    break
-        finally:
-            if handle.pending:  # the caller was cancelled or fold raised: release the sites
-                await handle.cancel()
+        streaming = fold if isinstance(fold, StreamingFold) else None
+        fold_one = fold.fold if isinstance(fold, StreamingFold) else fold
+        dropped: list[TaskResult] = []  # sites left out of a restarted task, with why
+        attempt = chosen
+        while True:
+            results, broken = await self._collect(task, attempt, needed, fold_one, streaming)
+            if not broken:
+                break
+            assert streaming is not None
+            streaming.reset()
+            # Sites that answered ok or were cut off by the restart are asked again.
+            again = tuple(
+                r.site for r in results if r.site not in broken and r.status in ("ok", "cancelled")
+            )
+            note = "its result stream broke after part of it was folded (aggregate discarded)"
+            for r in results:
+                if r.site in broken:
+                    dropped.append(replace(r, data=None, error=f"{r.error}; {note}"))
+                elif r.site not in again:
+                    dropped.append(replace(r, data=None))
+            if len(again) < needed or not again:
+                results = [replace(r, data=None) for r in results if r.site in again]
+                break
+            logger.warning(
+                "task %r: the result streams of %s broke after part was folded; asking %s again",
+                task.name, broken, list(again),
+            )  # fmt: skip
+            attempt = again
+        results = dropped + results
+        ok_count = sum(r.ok for r in results)
         if ok_count < needed:
             raise TooFewResultsError(
                 f"task {task.name!r}: {ok_count} of {len(chosen)} sites answered ok, {needed} "
@@ -297,6 +389,48 @@ class Dispatcher(abc.ABC):
                 [replace(r, data=None) for r in results],
             )
         return results
+
+    async def _collect(
+        self,
+        task: Task,
+        targets: tuple[str, ...],
+        needed: int,
+        fold: Callable[[TaskResult], None] | None,
+        streaming: StreamingFold | None,
+    ) -> tuple[list[TaskResult], list[str]]:
+        """One attempt of :meth:`broadcast_and_wait`: its results, and the sites whose result
+        stream broke after part of it was folded (the attempt stops at the first one)."""
+        handle = self.broadcast(task, targets, fold=streaming)
+        results: list[TaskResult] = []
+        broken: list[str] = []
+        ok_count = 0
+        try:
+            async for result in handle:
+                if result.ok and fold is not None:
+                    result = _folded(result, fold)
+                if not result.ok and streaming is not None and streaming.discard(result.site):
+                    broken.append(result.site)
+                ok_count += result.ok
+                results.append(result)
+                if broken or ok_count + len(targets) - len(results) < needed:
+                    reason = (
+                        f"restarting without {broken[0]}" if broken
+                        else f"{needed} ok results can no longer come"
+                    )  # fmt: skip
+                    await handle.cancel(reason)
+                    async for late in handle:
+                        if not late.ok and streaming is not None:
+                            streaming.discard(late.site)  # cut off by us: asked again, not broken
+                        results.append(late)
+                    break
+        except BaseException:
+            if streaming is not None:
+                streaming.reset()  # nothing more may reach an aggregate the caller abandons
+            raise
+        finally:
+            if handle.pending:  # the caller was cancelled or fold raised: release the sites
+                await handle.cancel()
+        return results, broken
 
     async def send_and_wait(
         self, task: Task, target: str, *, timeout: float | None = None

@@ -27,7 +27,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
-from fedcell.engine.dispatcher import Dispatcher, Task, TaskHandle, TaskResult
+from fedcell.engine.dispatcher import Dispatcher, StreamingFold, Task, TaskHandle, TaskResult
 from fedcell.errors import ConfigError, SiteCrashedError
 from fedcell.transports.codec import decode, encode, pack_tree, unpack_tree
 
@@ -69,7 +69,14 @@ class LocalDispatcher(Dispatcher):
     def sites(self) -> Sequence[str]:
         return tuple(self._handlers)
 
-    def broadcast(self, task: Task, targets: Sequence[str] | None = None) -> TaskHandle:
+    def broadcast(
+        self,
+        task: Task,
+        targets: Sequence[str] | None = None,
+        *,
+        fold: StreamingFold | None = None,
+    ) -> TaskHandle:
+        # Results are handed over whole (nothing streams in memory): ``fold`` takes them whole.
         chosen = tuple(self._handlers if targets is None else targets)
         unknown = [site for site in chosen if site not in self._handlers]
         if unknown:

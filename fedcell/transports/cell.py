@@ -139,12 +139,14 @@ from fedcell.errors import (
     RemoteError,
     RequestTimeoutError,
     RouteLoopError,
+    StreamCancelledError,
     StreamError,
     TransportClosedError,
     TransportError,
     UnreachableError,
 )
 from fedcell.transports import codec
+from fedcell.transports.array_sink import ArraySink
 from fedcell.transports.base import Buffer, Connection, ConnectionState, Listener, TransportOptions
 from fedcell.transports.cell_routing import next_hop, validate_cell_name
 from fedcell.transports.message import (
@@ -174,6 +176,7 @@ __all__ = [
     "Hello",
     "PeerEvent",
     "PeerListener",
+    "ReplySink",
 ]
 
 log = logging.getLogger(__name__)
@@ -189,6 +192,10 @@ Handler = Callable[[Message], Awaitable[Any]]
 PeerEvent = Literal["joined", "left"]
 PeerListener = Callable[[str, PeerEvent], None]
 ErrorKind = Literal["unreachable", "loop", "no-handler", "raised", "malformed"]
+#: ``reply_sink(target, skeleton)``: when ``target``'s reply arrives as a stream, an
+#: :class:`~fedcell.transports.array_sink.ArraySink` to take its arrays as they come (``None``:
+#: assemble it); raising a FedcellError refuses the reply and fails the request with that error.
+ReplySink = Callable[[str, Any], ArraySink | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +357,7 @@ class _Link:
 class _Pending:
     future: asyncio.Future[Any]
     via: str | None
+    reply_sink: ReplySink | None = None
 
 
 @dataclass(slots=True)
@@ -457,6 +465,7 @@ class Cell:
                 self._config.stream,
                 name=self._name,
                 file_sink=self._file_sink,
+                array_sink=self._reply_array_sink,
             )
             if self._listen_url is not None:
                 transport = get_transport(self._listen_url, self._config.transport)
@@ -646,8 +655,13 @@ class Cell:
         topic: str = "",
         timeout: float = 5.0,
         headers: Mapping[str, HeaderValue] | None = None,
+        reply_sink: ReplySink | None = None,
     ) -> Any:
         """Send a request to ``target`` and return its handler's reply payload.
+
+        With ``reply_sink``, a reply that arrives as a stream may be consumed piece by piece
+        instead of assembled (see :data:`ReplySink`); the request then returns what the sink's
+        ``finish`` returned, and fails with the stream's error if the reply stream fails.
 
         Raises
         ------
@@ -679,7 +693,7 @@ class Cell:
         key = (message.envelope.msg_id, target)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending[key] = _Pending(future, via)
+        self._pending[key] = _Pending(future, via, reply_sink)
         try:
             try:
                 await self._transmit(message, via)
@@ -746,12 +760,15 @@ class Cell:
         topic: str = "",
         timeout: float = 5.0,
         headers: Mapping[str, HeaderValue] | None = None,
+        reply_sink: ReplySink | None = None,
     ) -> AsyncGenerator[tuple[str, Any], None]:
         """Send one request to several cells; yield ``(target, reply or exception)`` as each
         reply arrives (unreachable targets first, timed-out ones last).
 
         The payload is encoded once. Once yielded, a reply is no longer referenced by the cell,
         so a consumer that folds each reply into an aggregate holds one reply at a time.
+        ``reply_sink`` goes further: streamed replies are consumed piece by piece as they arrive
+        (see :meth:`request`); once this generator is closed, no sink gets another byte.
 
         Raises
         ------
@@ -783,7 +800,7 @@ class Cell:
                 continue
             future: asyncio.Future[Any] = loop.create_future()
             waiting[future] = name
-            self._pending[(base.msg_id, name)] = _Pending(future, via)
+            self._pending[(base.msg_id, name)] = _Pending(future, via, reply_sink)
         streaming: asyncio.Future[dict[str, BaseException | None]] | None = None
         by_name: dict[str, asyncio.Future[Any]] = {}
         try:
@@ -833,8 +850,11 @@ class Cell:
                     ),
                 )
         finally:
-            for name in waiting.values():
+            for future, name in waiting.items():
                 self._pending.pop((base.msg_id, name), None)
+                if future.done() and not future.cancelled():
+                    future.exception()  # failed while closing: nobody reads it, do not log it
+                future.cancel()
             if streaming is not None and not streaming.done():
                 streaming.cancel()
                 with contextlib.suppress(asyncio.CancelledError, FedcellError):
@@ -944,6 +964,25 @@ class Cell:
             self._drop(f"streamed message for {message.receiver!r} from {message.sender!r}")
             return
         self._dispatch(message)
+
+    def _reply_array_sink(
+        self, peer: str, sid: int, envelope: Envelope, skeleton: Any
+    ) -> ArraySink | None:
+        """The stream layer's hook: the reply sink of the request a streamed reply answers."""
+        if envelope.kind != "reply" or envelope.sender != peer or envelope.correlation_id is None:
+            return None
+        key = (envelope.correlation_id, peer)
+        pending = self._pending.get(key)
+        if pending is None or pending.reply_sink is None or pending.future.done():
+            return None
+        try:
+            sink = pending.reply_sink(peer, skeleton)
+        except FedcellError as exc:
+            _fail_unless_done(pending.future, exc)
+            raise
+        if sink is None:
+            return None
+        return _ReplySinkGuard(sink, pending, lambda: self._pending.get(key) is pending)
 
     def _decode(self, envelope: Envelope, frames: Sequence[Buffer]) -> Message:
         if len(frames) < 2:
@@ -1467,6 +1506,34 @@ async def _cancel_and_wait(task: asyncio.Task[Any]) -> None:
 def _fail_unless_done(future: asyncio.Future[Any], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+class _ReplySinkGuard(ArraySink):
+    """A request's reply sink, cut off once the request stopped waiting (timed out, abandoned,
+    its broadcast closed): the next piece fails the stream, and the sender is told to stop. A
+    failing reply stream fails the request with the stream's error."""
+
+    def __init__(self, sink: ArraySink, pending: _Pending, waiting: Callable[[], bool]) -> None:
+        self._sink = sink
+        self._pending = pending
+        self._waiting = waiting
+
+    def write(self, frame: int, start: int, data: memoryview) -> None:
+        if self._pending.future.done() or not self._waiting():
+            raise StreamCancelledError("the request no longer waits for this reply")
+        self._sink.write(frame, start, data)
+
+    def finish(self) -> Any:
+        if self._pending.future.done() or not self._waiting():
+            raise StreamCancelledError("the request no longer waits for this reply")
+        return self._sink.finish()
+
+    def abort(self, error: StreamError) -> None:
+        try:
+            self._sink.abort(error)
+        finally:
+            if self._waiting():  # else nobody will ever read the future's exception
+                _fail_unless_done(self._pending.future, error)
 
 
 def _fail_streams(

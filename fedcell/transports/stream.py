@@ -138,8 +138,9 @@ from fedcell.errors import (
     TransportClosedError,
 )
 from fedcell.transports import codec, compression
+from fedcell.transports.array_sink import ArraySink
 from fedcell.transports.base import Buffer
-from fedcell.transports.message import Message, pack_envelope
+from fedcell.transports.message import Envelope, Message, pack_envelope
 from fedcell.transports.stream_protocol import (
     Ack,
     Cancel,
@@ -158,6 +159,7 @@ from fedcell.transports.stream_protocol import (
 )
 from fedcell.transports.stream_receiver import (
     ArrayPool,
+    ArraySinkHook,
     FileOffer,
     FileSinkPolicy,
     InboundStream,
@@ -290,6 +292,9 @@ class StreamInfo:
 
 FailureCallback = Callable[[str, int, StreamError], None]
 
+#: ``hook(peer, stream id, envelope, skeleton)``: see ``StreamEndpoint(array_sink=...)``.
+EndpointArraySinkHook = Callable[[str, int, Envelope, Any], ArraySink | None]
+
 
 def _code_of(exc: BaseException) -> CancelCode:
     if isinstance(exc, StreamIntegrityError):
@@ -338,6 +343,11 @@ class StreamEndpoint:
         Where offered files land (see :func:`directory_sink`); ``None`` refuses every file.
     on_failure:
         Called with ``(peer, stream id, error)`` when an inbound stream fails.
+    array_sink:
+        Called at each inbound message stream's ``OPEN`` with ``(peer, stream id, envelope,
+        skeleton)``; returns an :class:`~fedcell.transports.array_sink.ArraySink` that consumes
+        the message's arrays as they arrive (the stream then costs a window of the inbound
+        budget, not its size), or ``None`` to assemble the message; raises to refuse it.
     """
 
     def __init__(
@@ -349,8 +359,10 @@ class StreamEndpoint:
         name: str = "",
         file_sink: FileSinkPolicy | None = None,
         on_failure: FailureCallback | None = None,
+        array_sink: EndpointArraySinkHook | None = None,
     ) -> None:
         self.config = config or StreamConfig()
+        self._array_sink = array_sink
         self.name = name
         self._send_frames = send
         self._deliver = deliver
@@ -682,7 +694,7 @@ class StreamEndpoint:
             stream = InboundStream(
                 peer, header, max_chunk_size=cfg.max_chunk_size,
                 max_tree_bytes=codec.DEFAULT_MAX_TREE_BYTES, file_sink=self._file_sink,
-                pool=self._pool,
+                pool=self._pool, array_sink=self._array_sink_for(peer, header.sid),
             )  # fmt: skip
         except Exception as exc:  # the file sink policy is application code: refuse on any error
             reason = f"stream {header.sid} from {peer} refused: {exc}"
@@ -697,6 +709,12 @@ class StreamEndpoint:
         self._admit()
         if not stream.granted and not stream.closed:
             self._post(peer, pack_header(Queued(stream.sid)))
+
+    def _array_sink_for(self, peer: str, sid: int) -> ArraySinkHook | None:
+        hook = self._array_sink
+        if hook is None:
+            return None
+        return lambda envelope, skeleton: hook(peer, sid, envelope, skeleton)
 
     def _admit(self) -> None:
         budget = self.config.max_inbound_bytes
@@ -735,7 +753,7 @@ class StreamEndpoint:
 
     def _fail_inbound(self, stream: InboundStream, error: StreamError, *, notify: bool) -> None:
         self._release(stream)
-        stream.abort()
+        stream.abort(error)
         self._stats.streams_failed += 1
         if notify:
             self._post_cancel(stream.peer, stream.sid, "receiver", error)

@@ -41,6 +41,7 @@ import xxhash
 
 from fedcell.errors import ConfigError, FrameError, StreamError, StreamIntegrityError
 from fedcell.transports import codec, compression
+from fedcell.transports.array_sink import ArraySink, ArraySinkAdapter, skeleton
 from fedcell.transports.base import Buffer
 from fedcell.transports.message import Envelope, Message, unpack_envelope
 from fedcell.transports.stream_protocol import Data, End, Open, chunk_hash
@@ -48,6 +49,7 @@ from fedcell.transports.stream_protocol import Data, End, Open, chunk_hash
 __all__ = [
     "POOLED_MIN_BYTES",
     "ArrayPool",
+    "ArraySinkHook",
     "FileOffer",
     "FileSink",
     "FileSinkPolicy",
@@ -90,6 +92,10 @@ class FileOffer:
 
 #: Returns the destination path for an offered file, or raises to refuse it.
 FileSinkPolicy = Callable[[FileOffer], Path]
+
+#: ``hook(envelope, skeleton)`` at a message stream's ``OPEN``: an :class:`ArraySink` to consume
+#: its arrays piece by piece, ``None`` to assemble it as usual; raises to refuse the stream.
+ArraySinkHook = Callable[[Envelope, Any], ArraySink | None]
 
 
 def directory_sink(root: Path) -> FileSinkPolicy:
@@ -326,8 +332,12 @@ class InboundStream:
         max_tree_bytes: int,
         file_sink: FileSinkPolicy | None,
         pool: ArrayPool,
+        array_sink: ArraySinkHook | None = None,
     ) -> None:
         """Validate ``header`` (nothing is allocated until :meth:`grant`).
+
+        ``array_sink`` is asked, for a message, whether an :class:`ArraySink` consumes its arrays
+        as they arrive; such a stream costs at most a window, like a file.
 
         Raises
         ------
@@ -335,6 +345,8 @@ class InboundStream:
             If the header's layout is malformed or inconsistent.
         ConfigError
             If the codec is unknown or the file sink refuses the file.
+        FedcellError
+            Whatever ``array_sink`` raised to refuse the stream.
         """
         if not 0 < header.chunk <= max_chunk_size:
             raise FrameError(f"chunk size {header.chunk} outside (0, {max_chunk_size}]")
@@ -350,15 +362,22 @@ class InboundStream:
         # The sink factories close over locals, never over ``self``: a reference cycle would keep
         # a received model's arrays alive until the cyclic garbage collector runs.
         envelope = unpack_envelope(header.envelope)
-        self._make_sink: Callable[[], MessageSink | FileSink]
+        self._make_sink: Callable[[], MessageSink | FileSink | ArraySinkAdapter]
+        self._consumer: ArraySinkAdapter | None = None
         if header.kind == "message":
             tree = codec.unpack_tree(header.layout, max_tree_bytes)
             specs = codec.array_specs(tree)
             total = sum(spec.nbytes for spec in specs)
             if total != header.size:
                 raise FrameError(f"payload arrays hold {total} bytes; the stream announces {header.size}")
-            self.cost = header.size
-            self._make_sink = lambda: MessageSink(envelope, tree, specs, pool)
+            consumer = array_sink(envelope, skeleton(tree)) if array_sink is not None else None
+            if consumer is not None:
+                adapter = self._consumer = ArraySinkAdapter(envelope, specs, consumer)
+                self.cost = min(header.size, header.window)  # the chunks in flight, as a file
+                self._make_sink = lambda: adapter
+            else:
+                self.cost = header.size
+                self._make_sink = lambda: MessageSink(envelope, tree, specs, pool)
         else:
             if file_sink is None:
                 raise ConfigError("this endpoint accepts no files (no file sink policy)")
@@ -368,7 +387,7 @@ class InboundStream:
             # A file costs about one window of memory whatever its size.
             self.cost = min(header.size, header.window)
             self._make_sink = lambda: FileSink(envelope, offer, destination)
-        self.sink: MessageSink | FileSink | None = None
+        self.sink: MessageSink | FileSink | ArraySinkAdapter | None = None
         self.received = 0
         self.next_seq = 0
         self.last_progress = time.monotonic()
@@ -455,7 +474,10 @@ class InboundStream:
         self.closed = True
         return self.sink.finish(self._digest.hexdigest())
 
-    def abort(self) -> None:
+    def abort(self, error: StreamError | None = None) -> None:
+        """Discard what arrived; an :class:`ArraySink` is told ``error`` (admitted or not)."""
         self.closed = True
-        if self.sink is not None:
+        if self._consumer is not None:
+            self._consumer.abort(error)
+        elif self.sink is not None:
             self.sink.abort()
