@@ -15,8 +15,8 @@ answers ``GRANT``. The sender then sends ``DATA`` chunks, each with sequence, of
 codec and an xxh3_64 of its wire bytes; the receiver verifies and writes each chunk in place and
 acks cumulatively (``ACK upto``) every quarter window (acks also coalesce when the receiver's
 outgoing queue is behind).
-``END`` carries the chunk count, size and xxh3_128 of the whole raw content; the receiver checks
-them, answers ``DONE`` and delivers. :meth:`StreamEndpoint.send_message` returns on ``DONE``.
+``END`` carries the chunk count, size and whole-stream digest; the receiver checks them, answers
+``DONE`` and delivers. :meth:`StreamEndpoint.send_message` returns on ``DONE``.
 
 Window
     The sender keeps ``sent - acked <= window`` raw bytes per peer (instrumented:
@@ -36,10 +36,14 @@ Admission
     ``QUEUED`` so their senders know it is alive). A server collecting N models of S bytes
     therefore holds about ``max(S, max_inbound_bytes)`` of partial models, flat in N.
 Integrity
-    Per-chunk xxh3_64 over the wire bytes (before decompression) and a whole-stream xxh3_128 over
-    the raw bytes (after decompression). A lost, reordered, corrupted or truncated chunk fails
-    the stream with :class:`~fedcell.errors.StreamIntegrityError`; nothing half-received is
-    delivered, a file's temporary is deleted, and the endpoint keeps serving other streams.
+    Per-chunk xxh3_64 over the wire bytes (before decompression) and a whole-stream digest, the
+    xxh3_128 over every chunk's raw-content xxh3_64 (after decompression; for a chunk sent raw
+    that is its wire hash, so each byte is hashed once per side: see
+    :mod:`~fedcell.transports.stream_protocol`). A file's content xxh3_128 is computed too, for
+    :meth:`StreamEndpoint.send_file` and :class:`ReceivedFile`. A lost, reordered, corrupted or
+    truncated chunk fails the stream with :class:`~fedcell.errors.StreamIntegrityError`; nothing
+    half-received is delivered, a file's temporary is deleted, and the endpoint keeps serving
+    other streams.
 Liveness by progress
     Every chunk (receiver) and every control frame (sender) is progress. One watchdog task per
     endpoint ticks every ``stall_timeout / 4`` and fails a stream that made none for
@@ -404,9 +408,8 @@ class StreamEndpoint:
             If the cell could not send a frame.
         """
         source, layout = self._message_source(message)
-        outcome, _ = await self._stream(
-            {peer: pack_envelope(message.envelope)}, "message", layout, source
-        )
+        envelopes = {peer: pack_envelope(message.envelope)}
+        outcome = await self._stream(envelopes, "message", layout, source)
         if outcome[peer] is not None:
             raise outcome[peer]  # type: ignore[misc]
 
@@ -427,7 +430,7 @@ class StreamEndpoint:
         envelopes = {
             peer: pack_envelope(replace(message.envelope, receiver=peer)) for peer in dict.fromkeys(peers)
         }
-        outcome, _ = await self._stream(envelopes, "message", layout, source)
+        outcome = await self._stream(envelopes, "message", layout, source)
         return outcome
 
     async def send_file(
@@ -454,14 +457,12 @@ class StreamEndpoint:
         envelope = Message.create(self.name, peer, channel).envelope
         source = FileSource(path, self.config.chunk_size)
         try:
-            outcome, digest = await self._stream(
-                {peer: pack_envelope(envelope)}, "file", layout, source
-            )
+            outcome = await self._stream({peer: pack_envelope(envelope)}, "file", layout, source)
         finally:
             source.close()
         if outcome[peer] is not None:
             raise outcome[peer]  # type: ignore[misc]
-        return digest.hex()
+        return source.content_digest()
 
     async def handle(self, peer: str, frames: list[Buffer]) -> None:
         """Process one incoming stream frame list from ``peer``. Never raises for bad input and
@@ -576,9 +577,8 @@ class StreamEndpoint:
         kind: StreamKind,
         layout: bytes,
         source: ChunkSource,
-    ) -> tuple[dict[str, BaseException | None], bytes]:
-        """Stream ``source`` to every peer of ``envelopes``; return each peer's outcome and
-        the whole-stream digest."""
+    ) -> dict[str, BaseException | None]:
+        """Stream ``source`` to every peer of ``envelopes``; return each peer's outcome."""
         if self._closed:
             raise StreamCancelledError("the stream endpoint is closed")
         cfg = self.config
@@ -633,7 +633,7 @@ class StreamEndpoint:
                 self._stats.streams_sent += 1
                 self._stats.bytes_sent += out.size
                 self._learn_link(out, encoder.seconds)
-        return results, encoder.digest()
+        return results
 
     def _learn_link(self, out: OutboundStream, encode_seconds: float) -> None:
         measured = out.throughput(encode_seconds)

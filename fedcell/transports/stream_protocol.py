@@ -20,11 +20,19 @@ table, and ``CANCEL`` names the side that sent it.
     CANCEL sid side code reason            ◀─▶   either side, any time
 
 Integers are msgpack 64-bit (no 32-bit length anywhere: a 5 GiB file is one stream). ``h`` is the
-xxh3_64 of the chunk's *wire* bytes (checked before a compressed chunk reaches the decompressor);
-``digest`` is the xxh3_128 of the whole raw content in order (checked after decompression, so it
-covers the codec too). Every field is type- and range-checked by :func:`parse_header`; anything
-malformed raises :class:`~fedcell.errors.FrameError` or :class:`~fedcell.errors.OversizedError`
-and the endpoint drops the frame (cancelling the stream it names, if any) and keeps serving.
+xxh3_64 of the chunk's *wire* bytes (checked before a compressed chunk reaches the decompressor).
+``digest`` is a :class:`StreamDigest`: the xxh3_128 over every chunk's *raw-content* xxh3_64, in
+order. An uncompressed chunk's raw-content hash is its ``h`` (its wire bytes are its raw bytes),
+so each byte is hashed once on each side; a compressed chunk's is the xxh3_64 of its raw bytes
+(the sender's before compressing, the receiver's after decompressing, so the digest covers the
+codec too). The per-chunk check catches a corrupted chunk as it arrives; the digest, with the
+chunk count and size in ``END``, catches a lost, duplicated, reordered or truncated stream and
+a codec fault. (Protocol version 1 hashed every raw byte a second time with one xxh3_128 over the
+whole content: about 0.04 CPU s/GiB on each side for no extra detection power, since a chunk
+whose bytes differ already fails its xxh3_64.) Every field is type- and range-checked by
+:func:`parse_header`; anything malformed raises :class:`~fedcell.errors.FrameError` or
+:class:`~fedcell.errors.OversizedError` and the endpoint drops the frame (cancelling the stream it
+names, if any) and keeps serving.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ __all__ = [
     "Grant",
     "Open",
     "Queued",
+    "StreamDigest",
     "StreamKind",
     "chunk_hash",
     "pack_header",
@@ -58,7 +67,7 @@ __all__ = [
     "peek_header",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 _MAX_U64 = 2**64 - 1
 
 StreamKind = Literal["message", "file"]
@@ -250,3 +259,21 @@ def chunk_hash(frames: Sequence[Buffer]) -> int:
     for frame in frames:
         hasher.update(frame)
     return hasher.intdigest()
+
+
+class StreamDigest:
+    """The whole-stream checksum carried by ``END``: xxh3_128 over the chunks' raw-content
+    xxh3_64 values (8 bytes little-endian each), in chunk order (see the module docstring)."""
+
+    __slots__ = ("_hasher",)
+
+    def __init__(self) -> None:
+        self._hasher = xxhash.xxh3_128()
+
+    def add(self, raw_hash: int) -> None:
+        """Fold in the next chunk's raw-content xxh3_64."""
+        self._hasher.update(raw_hash.to_bytes(8, "little"))
+
+    def digest(self) -> bytes:
+        """The 16-byte digest of the chunks added so far."""
+        return self._hasher.digest()

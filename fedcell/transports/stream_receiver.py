@@ -15,8 +15,10 @@ waiting for admission costs only its header) and gets its sink when the endpoint
 offset; a gap means a lost chunk), its raw length fits the announced chunk size and total, its
 codec is ``none`` or the announced one, its xxh3_64 matches the wire bytes (before any
 decompression), and the compressed chunk decompresses to exactly its raw length. It then feeds the
-raw bytes, in order, to the whole-stream xxh3_128. :meth:`InboundStream.finish` checks the chunk
-count, total and digest announced by ``END``. Every failure raises a
+chunk's raw-content xxh3_64 (its wire hash when it came raw; the xxh3_64 of the decompressed bytes
+otherwise) to the :class:`~fedcell.transports.stream_protocol.StreamDigest`, and a file's bytes to
+the file's content xxh3_128 (:attr:`ReceivedFile.digest`). :meth:`InboundStream.finish` checks
+the chunk count, total and digest announced by ``END``. Every failure raises a
 :class:`~fedcell.errors.StreamError` or :class:`~fedcell.errors.ProtocolError` naming the stream,
 and the endpoint discards the stream; nothing half-received is ever delivered.
 """
@@ -44,7 +46,7 @@ from fedcell.transports import codec, compression
 from fedcell.transports.array_sink import ArraySink, ArraySinkAdapter, skeleton
 from fedcell.transports.base import Buffer
 from fedcell.transports.message import Envelope, Message, unpack_envelope
-from fedcell.transports.stream_protocol import Data, End, Open, chunk_hash
+from fedcell.transports.stream_protocol import Data, End, Open, StreamDigest, chunk_hash
 
 __all__ = [
     "POOLED_MIN_BYTES",
@@ -398,7 +400,9 @@ class InboundStream:
         self.ack_sent = 0
         self.ack_posted = False
         self.closed = False
-        self._digest = xxhash.xxh3_128()
+        self._digest = StreamDigest()
+        # A file's content digest (what ReceivedFile.digest reports); messages need none.
+        self._content = xxhash.xxh3_128() if header.kind == "file" else None
         self._scratch: memoryview | None = None
 
     @property
@@ -428,7 +432,8 @@ class InboundStream:
             raise FrameError(
                 f"stream {self.sid} from {self.peer}: chunk codec {data.codec!r} was not announced"
             )
-        if chunk_hash(frames) != data.hash:
+        wire_hash = chunk_hash(frames)
+        if wire_hash != data.hash:
             raise StreamIntegrityError(
                 f"stream {self.sid} from {self.peer}: chunk {data.seq} fails its checksum"
             )
@@ -440,8 +445,10 @@ class InboundStream:
                     f"announced {data.raw}"
                 )
             self.sink.write(data.offset, frames)
-            for frame in frames:
-                self._digest.update(frame)
+            self._digest.add(wire_hash)
+            if self._content is not None:
+                for frame in frames:
+                    self._content.update(frame)
         else:
             packed = frames[0] if len(frames) == 1 else b"".join(frames)
             target = self.sink.target(data.offset, data.raw)
@@ -453,7 +460,9 @@ class InboundStream:
                 self.sink.write(data.offset, [target])
             else:
                 compression.get_codec(data.codec).decompress_into(packed, target)
-            self._digest.update(target)
+            self._digest.add(xxhash.xxh3_64_intdigest(target))
+            if self._content is not None:
+                self._content.update(target)
         self.received += data.raw
         self.next_seq += 1
         self.last_progress = time.monotonic()
@@ -472,7 +481,9 @@ class InboundStream:
                 f"stream {self.sid} from {self.peer}: whole-stream checksum mismatch"
             )
         self.closed = True
-        return self.sink.finish(self._digest.hexdigest())
+        # A file reports its content's xxh3_128 (ReceivedFile.digest); a message, the stream's.
+        reported = end.digest.hex() if self._content is None else self._content.hexdigest()
+        return self.sink.finish(reported)
 
     def abort(self, error: StreamError | None = None) -> None:
         """Discard what arrived; an :class:`ArraySink` is told ``error`` (admitted or not)."""

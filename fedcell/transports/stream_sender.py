@@ -7,9 +7,11 @@ several slices, never concatenated) or a file (:class:`FileSource`, a ring of bu
 so memory is bounded by the window whatever the file size).
 
 The :class:`ChunkEncoder` turns chunk ``seq`` into an :class:`EncodedChunk` exactly once: it
+hashes the raw bytes (xxh3_64) into the :class:`~fedcell.transports.stream_protocol.StreamDigest`,
 compresses (when the stream's codec is not ``none`` and the chunk shrinks by at least
-:data:`MIN_SHRINK`), hashes the wire bytes (xxh3_64) and feeds the raw bytes, in order, to the
-whole-stream digest (xxh3_128). A broadcast hands the same :class:`EncodedChunk` to every peer.
+:data:`MIN_SHRINK`) and hashes the compressed bytes; a chunk sent raw reuses its raw hash as its
+wire hash, so each byte is read once. A broadcast hands the same :class:`EncodedChunk` to every
+peer. A :class:`FileSource` also hashes the file's content (xxh3_128, what ``send_file`` returns).
 
 Each peer has its own :class:`OutboundStream`: a window of ``window`` raw bytes. ``send_chunk``
 waits until ``sent - acked + chunk.raw <= window`` before sending, so the bytes in flight never
@@ -36,7 +38,7 @@ import xxhash
 from fedcell.errors import StreamError
 from fedcell.transports import compression
 from fedcell.transports.base import Buffer
-from fedcell.transports.stream_protocol import chunk_hash
+from fedcell.transports.stream_protocol import StreamDigest, chunk_hash
 
 __all__ = [
     "MIN_SHRINK",
@@ -153,6 +155,7 @@ class FileSource:
         self._chunk_size = chunk_size
         self._free: list[bytearray] = []
         self._in_use: deque[tuple[int, bytearray]] = deque()  # (end offset, buffer)
+        self._content = xxhash.xxh3_128()
 
     @property
     def size(self) -> int:
@@ -167,6 +170,7 @@ class FileSource:
             if n == 0:
                 raise StreamError(f"{self.path} shrank to {offset + done} bytes while streaming")
             done += n
+        self._content.update(view)
         self._in_use.append((offset + length, buf))
         # Read-only: the transport sends it without copying or waiting for its release.
         return [view.toreadonly()]
@@ -183,6 +187,11 @@ class FileSource:
             (os.pread(self._fd, length, start), 1)
             for start, length in _sample_offsets(self._size, nbytes)
         ]
+
+    def content_digest(self) -> str:
+        """Hex xxh3_128 of the bytes read so far (the whole file once every chunk was read:
+        the encoder reads each chunk once, in order)."""
+        return self._content.hexdigest()
 
     def close(self) -> None:
         os.close(self._fd)
@@ -202,14 +211,15 @@ class EncodedChunk:
 
 
 class ChunkEncoder:
-    """Encodes a source's chunks in order, once each, and computes the whole-stream digest."""
+    """Encodes a source's chunks in order, once each, and computes the whole-stream digest
+    (:class:`~fedcell.transports.stream_protocol.StreamDigest`)."""
 
     def __init__(self, source: ChunkSource, chunk_size: int, codec_name: str) -> None:
         self.source = source
         self.chunk_size = chunk_size
         self.codec_name = codec_name
         self._codec = compression.get_codec(codec_name)
-        self._digest = xxhash.xxh3_128()
+        self._digest = StreamDigest()
         self._next_seq = 0
         self.chunks = (source.size + chunk_size - 1) // chunk_size
         self.compressed_chunks = 0
@@ -225,22 +235,24 @@ class ChunkEncoder:
         offset = seq * self.chunk_size
         raw = min(self.chunk_size, self.source.size - offset)
         pieces = self.source.read(offset, raw)
-        for piece in pieces:
-            self._digest.update(piece)
-        frames, codec_name = pieces, compression.NONE
+        raw_hash = chunk_hash(pieces)
+        self._digest.add(raw_hash)
+        frames, codec_name, wire_hash = pieces, compression.NONE, raw_hash
         if self.codec_name != compression.NONE:
             data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             packed = self._codec.compress(data, self.source.typesize_at(offset))
             if memoryview(packed).nbytes <= raw * MIN_SHRINK:
                 frames, codec_name = [packed], self.codec_name
+                wire_hash = chunk_hash(frames)
                 self.compressed_chunks += 1
         wire = sum(memoryview(f).nbytes for f in frames)
-        chunk = EncodedChunk(seq, offset, raw, codec_name, frames, chunk_hash(frames), wire)
+        chunk = EncodedChunk(seq, offset, raw, codec_name, frames, wire_hash, wire)
         self.seconds += time.perf_counter() - started
         return chunk
 
     def digest(self) -> bytes:
-        """xxh3_128 of every raw byte encoded so far."""
+        """The :class:`~fedcell.transports.stream_protocol.StreamDigest` of the chunks encoded so
+        far."""
         return self._digest.digest()
 
 

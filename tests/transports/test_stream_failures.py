@@ -20,6 +20,7 @@ from fedcell.errors import (
     StreamStalledError,
     UnreachableError,
 )
+from fedcell.transports import compression
 from fedcell.transports.message import Message
 from fedcell.transports.stream import StreamConfig, StreamEndpoint
 from fedcell.transports.stream_protocol import Data, Open, pack_header, parse_header
@@ -57,9 +58,10 @@ def _run_failure(
     expected: type[StreamError],
     match: str,
     config: StreamConfig = CONFIG,
+    payload: Any = PAYLOAD,
 ) -> StreamNet:
-    """Send PAYLOAD a→b through ``tamper`` (applied to the first stream only); check the sender
-    raises ``expected`` and the receiver reported a failure; then check b still serves."""
+    """Send ``payload`` a→b through ``tamper`` (applied to the first stream only); check the
+    sender raises ``expected`` and the receiver reported a failure; then check b still serves."""
 
     async def main() -> StreamNet:
         net = StreamNet()
@@ -76,7 +78,7 @@ def _run_failure(
         net.tamper = tamper_first
         try:
             with pytest.raises(expected, match=match):
-                await a.send_message("b", _message())
+                await a.send_message("b", _message(payload))
             assert net.delivered["b"].empty()
             await _still_serves(net, a)
             stats = net.endpoints["b"].statistics()
@@ -124,6 +126,33 @@ def test_wrong_whole_stream_digest_fails() -> None:
         return frames
 
     _run_failure(bad_digest, StreamIntegrityError, "whole-stream checksum mismatch")
+
+
+def test_compressed_chunk_that_decompresses_to_other_bytes_fails_the_whole_stream_digest() -> None:
+    # A well-formed chunk of the right length, its wire hash recomputed: only the digest over the
+    # chunks' raw-content hashes (taken after decompression) can tell it is not what was sent.
+    codec = compression.get_codec("blosc2-lz4")
+    config = StreamConfig(chunk_size=16 * KiB, window=64 * KiB, codec="blosc2-lz4",
+                          stall_timeout=0.4)  # fmt: skip
+    payload = np.zeros(50_000, dtype=np.float32)
+
+    def other_content(src: str, dst: str, frames: list[bytes]) -> list[bytes] | None:
+        header = _header(frames)
+        if isinstance(header, Data) and header.seq == 1 and header.codec != "none":
+            packed = bytes(codec.compress(np.ones(header.raw // 4, np.float32).tobytes(), 4))
+            return _rewrite([frames[0], packed], hash=xxhash.xxh3_64_intdigest(packed))
+        return frames
+
+    net = _run_failure(other_content, StreamIntegrityError, "whole-stream checksum mismatch", config,
+                       payload)  # fmt: skip
+    assert [(n, type(e)) for n, _, _, e in net.failures] == [("b", StreamIntegrityError)]
+
+
+def test_a_header_of_another_protocol_version_fails_the_stream_it_names() -> None:
+    def version_1(src: str, dst: str, frames: list[bytes]) -> list[bytes] | None:
+        return _rewrite(frames, v=1) if isinstance(_header(frames), Open) else frames
+
+    _run_failure(version_1, StreamError, "unsupported stream protocol version 1")
 
 
 def test_unknown_codec_in_open_is_refused() -> None:
