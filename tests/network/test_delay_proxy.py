@@ -82,7 +82,6 @@ def test_the_proxy_delays_each_direction_and_a_cut_resets_its_connections() -> N
     asyncio.run(main())
 
 
-@pytest.mark.allow_leaks  # zero-copy sends start pyzmq's process-wide garbage-collector thread
 def test_a_stream_cut_near_its_end_is_dropped_by_the_receiver_when_the_sender_says_hello() -> None:
     """The cut lands after the sender handed every chunk to the kernel: no later chunk reveals
     the gap, and the sender's CANCEL cannot get through. The receiver must not keep the stream
