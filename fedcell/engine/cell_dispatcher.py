@@ -184,9 +184,13 @@ class _CellTaskHandle(TaskHandle):
         return reply
 
     async def abandon(self, sites: tuple[str, ...]) -> None:
-        # Called once, for every target still pending: stop waiting for all of them.
-        if self._gathering is not None:
-            self._gathering.cancel()
+        # Called once, for every target still pending: stop waiting for all of them. The handle
+        # lets go of the cancelled task: its CancelledError's traceback holds the frames that
+        # hold this handle (the task, the fold and the model), a cycle only the cyclic garbage
+        # collector would free.
+        gathering, self._gathering = self._gathering, None
+        if gathering is not None:
+            gathering.cancel()
         for site in sites:
             try:
                 await self._cell.send(

@@ -982,7 +982,11 @@ class Cell:
             raise
         if sink is None:
             return None
-        return _ReplySinkGuard(sink, pending, lambda: self._pending.get(key) is pending)
+        future, pendings = pending.future, self._pending
+        # The check closes over the future, not the pending request: that holds the reply sink.
+        return _ReplySinkGuard(
+            sink, future, lambda: getattr(pendings.get(key), "future", None) is future
+        )
 
     def _decode(self, envelope: Envelope, frames: Sequence[Buffer]) -> Message:
         if len(frames) < 2:
@@ -1511,29 +1515,45 @@ def _fail_unless_done(future: asyncio.Future[Any], error: BaseException) -> None
 class _ReplySinkGuard(ArraySink):
     """A request's reply sink, cut off once the request stopped waiting (timed out, abandoned,
     its broadcast closed): the next piece fails the stream, and the sender is told to stop. A
-    failing reply stream fails the request with the stream's error."""
+    failing reply stream fails the request with the stream's error. Once its stream ended it
+    drops the sink and the request: whatever still holds the finished stream must not keep the
+    requester's state alive (a fold and the model it holds)."""
 
-    def __init__(self, sink: ArraySink, pending: _Pending, waiting: Callable[[], bool]) -> None:
-        self._sink = sink
-        self._pending = pending
+    def __init__(
+        self, sink: ArraySink, future: asyncio.Future[Any], waiting: Callable[[], bool]
+    ) -> None:
+        self._sink: ArraySink | None = sink
+        self._future: asyncio.Future[Any] | None = future
         self._waiting = waiting
 
-    def write(self, frame: int, start: int, data: memoryview) -> None:
-        if self._pending.future.done() or not self._waiting():
+    def _live(self) -> ArraySink:
+        if self._sink is None or self._future is None or self._future.done() or not self._waiting():
             raise StreamCancelledError("the request no longer waits for this reply")
-        self._sink.write(frame, start, data)
+        return self._sink
+
+    def write(self, frame: int, start: int, data: memoryview) -> None:
+        self._live().write(frame, start, data)
 
     def finish(self) -> Any:
-        if self._pending.future.done() or not self._waiting():
-            raise StreamCancelledError("the request no longer waits for this reply")
-        return self._sink.finish()
+        sink = self._live()
+        try:
+            return sink.finish()
+        finally:
+            self._forget()
 
     def abort(self, error: StreamError) -> None:
+        sink, future, waiting = self._sink, self._future, self._waiting()
+        self._forget()
         try:
-            self._sink.abort(error)
+            if sink is not None:
+                sink.abort(error)
         finally:
-            if self._waiting():  # else nobody will ever read the future's exception
-                _fail_unless_done(self._pending.future, error)
+            if future is not None and waiting:  # else nobody will ever read its exception
+                _fail_unless_done(future, error)
+
+    def _forget(self) -> None:
+        self._sink = None
+        self._future = None
 
 
 def _fail_streams(

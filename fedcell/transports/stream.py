@@ -321,6 +321,17 @@ def _remote_error(peer: str, header: Cancel) -> StreamError:
     return StreamError(text)
 
 
+def _control_frame(item: bytes | InboundStream) -> bytes | None:
+    """The frame an outbox item stands for: itself, or the ack of a stream (``None`` if closed)."""
+    if not isinstance(item, InboundStream):
+        return item
+    item.ack_posted = False
+    if item.closed:
+        return None
+    item.ack_sent = item.received
+    return pack_header(Ack(item.sid, item.received))
+
+
 def _as_stream_error(exc: FedcellError) -> StreamError:
     if isinstance(exc, StreamError):
         return exc
@@ -855,15 +866,11 @@ class StreamEndpoint:
     async def _drain(self, peer: str, queue: deque[bytes | InboundStream]) -> None:
         try:
             while queue:
-                item = queue.popleft()
-                if isinstance(item, InboundStream):
-                    item.ack_posted = False
-                    if item.closed:
-                        continue
-                    item.ack_sent = item.received
-                    frame = pack_header(Ack(item.sid, item.received))
-                else:
-                    frame = item
+                # No local keeps the stream while the send waits: a finished stream (and its
+                # sink, e.g. a fold and the model it holds) must not outlive its last ack.
+                frame = _control_frame(queue.popleft())
+                if frame is None:
+                    continue
                 try:
                     await self._send_frames(peer, [frame])
                 except (FedcellError, OSError) as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -274,5 +275,10 @@ def test_over_cells_replies_fold_while_streaming_and_a_corrupted_one_restarts_th
             assert stats.streams_received + stats.streams_failed == 5
             assert stats.peak_inbound_bytes_admitted <= 3 * 64 * KiB
             assert stats.open_inbound == 0 and stats.inbound_bytes_admitted == 0
+            # Nothing the streams leave behind (outbox entries, finished sinks) keeps the fold,
+            # and the model it references, alive once the caller drops it
+            folded = weakref.ref(mean)
+            del mean
+            assert folded() is None
 
     asyncio.run(main())
