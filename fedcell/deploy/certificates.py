@@ -6,8 +6,15 @@ Keys and certificates
   ``O=<project>``, CA basic constraint with path length 0: it signs participants, nothing else).
 - Each **participant** (the server, each site, each admin) has an EC P-256 key (ECDSA signatures
   on admin commands, ECDH for messages sealed to it) and a certificate signed by the CA:
-  ``CN=<name>``, ``O=<project>``, ``OU=<role>``. The role is ``server``, ``site`` or an admin role
-  (:data:`ADMIN_ROLES`).
+  ``CN=<name>``, ``O=<project>``, ``OU=<role>``, and ``organizationIdentifier=<org>`` (OID
+  2.5.4.97, :data:`ORGANIZATION_OID`) when ``project.yml`` gives the participant an organization.
+  The role is ``server``, ``site`` or an admin role (:data:`ADMIN_ROLES`).
+- Why a separate attribute for the organization: ``O`` already names the project, and every
+  consumer checks it against the CA's ``O`` to keep projects apart; reusing it (or ``OU``, the
+  role) would change what those checks mean. organizationIdentifier is the standard X.520
+  attribute for "the organization this subject belongs to", it is signed by the CA like the rest
+  of the subject, and a certificate without it (one issued before organizations existed, or for
+  a participant without one) simply has no organization.
 - Each participant also has a **Curve25519 key pair** for CurveZMQ. Its public key is bound to the
   participant's name by the CA: it travels in the participant's certificate as the non-critical
   extension :data:`CURVE_KEY_OID` (a DER OCTET STRING of the 32 raw key bytes), so "the CA signed a
@@ -19,7 +26,8 @@ moving the server re-issues nothing.
 
 :func:`verify_participant` is the one check every consumer uses (the trust folder of the server,
 kit loading, admin command verification): issued by this CA (issuer name and signature), within
-its validity period, same project, not a CA, carrying a curve key. Failures raise
+its validity period, same project, not a CA, carrying a curve key; it returns the name, role,
+project, organization (or ``None``) and curve key. Failures raise
 :class:`~fedcell.errors.AuthenticationError` saying which check failed.
 """
 
@@ -41,6 +49,7 @@ from fedcell.errors import AuthenticationError, ConfigError
 __all__ = [
     "ADMIN_ROLES",
     "CURVE_KEY_OID",
+    "ORGANIZATION_OID",
     "ROLES",
     "Participant",
     "certificate_pem",
@@ -54,6 +63,8 @@ __all__ = [
 #: The extension that carries a participant's Curve25519 public key (an OID in the UUID arc
 #: 2.25, which needs no registration).
 CURVE_KEY_OID: Final = x509.ObjectIdentifier("2.25.14824484955215475285724735326144630528")
+#: The subject attribute naming a participant's organization (organizationIdentifier).
+ORGANIZATION_OID: Final = NameOID.ORGANIZATION_IDENTIFIER
 ADMIN_ROLES: Final = ("project_admin", "lead", "member")
 ROLES: Final = ("server", "site", *ADMIN_ROLES)
 _CA_DAYS: Final = 3650
@@ -72,6 +83,8 @@ class Participant:
         ``server``, ``site`` or an admin role.
     project:
         The project the certificate belongs to.
+    organization:
+        The participant's organization (``None``: the certificate names none).
     curve_key:
         The participant's Curve25519 public key (Z85, 40 bytes).
     certificate:
@@ -81,6 +94,7 @@ class Participant:
     name: str
     role: str
     project: str
+    organization: str | None
     curve_key: bytes
     certificate: x509.Certificate
 
@@ -141,16 +155,22 @@ def issue_participant(
     public_key: ec.EllipticCurvePublicKey,
     curve_key: bytes,
     days: int,
+    organization: str | None = None,
 ) -> x509.Certificate:
     """A certificate for participant ``name`` signed by the CA, binding ``curve_key`` to it.
+
+    ``organization``, when given, goes into the subject as organizationIdentifier.
 
     Raises
     ------
     ConfigError
-        If ``role`` is unknown or ``curve_key`` is not a Z85 Curve25519 public key.
+        If ``role`` is unknown, ``organization`` is empty, or ``curve_key`` is not a Z85
+        Curve25519 public key.
     """
     if role not in ROLES:
         raise ConfigError(f"unknown role {role!r} (known: {', '.join(ROLES)})")
+    if organization == "":
+        raise ConfigError(f"the organization of {name!r} is empty (give None for none)")
     try:
         raw_curve_key = z85.decode(curve_key)
     except (ValueError, TypeError) as exc:
@@ -158,18 +178,17 @@ def issue_participant(
     if len(raw_curve_key) != 32:
         raise ConfigError(f"a curve key has 32 bytes, got {len(raw_curve_key)}")
     project = _attribute(ca_cert.subject, NameOID.ORGANIZATION_NAME)
+    subject = [
+        x509.NameAttribute(NameOID.COMMON_NAME, name),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, project),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+    ]
+    if organization is not None:
+        subject.append(x509.NameAttribute(ORGANIZATION_OID, organization))
     now = _now()
     return (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.COMMON_NAME, name),
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, project),
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                ]
-            )
-        )
+        .subject_name(x509.Name(subject))
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
@@ -223,6 +242,17 @@ def _attribute(name: x509.Name, oid: x509.ObjectIdentifier) -> str:
     return values[0].value
 
 
+def _optional_attribute(name: x509.Name, oid: x509.ObjectIdentifier, what: str) -> str | None:
+    values = name.get_attributes_for_oid(oid)
+    if not values:
+        return None
+    if len(values) != 1 or not isinstance(values[0].value, str) or not values[0].value:
+        raise AuthenticationError(
+            f"certificate subject {name.rfc4514_string()!r} has a malformed {what}"
+        )
+    return values[0].value
+
+
 def verify_participant(
     cert: x509.Certificate, ca_cert: x509.Certificate, *, now: datetime.datetime | None = None
 ) -> Participant:
@@ -232,8 +262,8 @@ def verify_participant(
     ------
     AuthenticationError
         If another CA issued it, its signature does not verify (tampered), it is outside its
-        validity period, it belongs to another project, it is a CA, or it lacks a role or a
-        curve key.
+        validity period, it belongs to another project, it is a CA, it lacks a role or a
+        curve key, or its organization is malformed (repeated or empty).
     """
     subject = cert.subject.rfc4514_string()
     try:
@@ -269,6 +299,7 @@ def verify_participant(
         name=_attribute(cert.subject, NameOID.COMMON_NAME),
         role=role,
         project=project,
+        organization=_optional_attribute(cert.subject, ORGANIZATION_OID, "organization"),
         curve_key=z85.encode(raw[2:]),
         certificate=cert,
     )

@@ -10,7 +10,9 @@ was not altered, and that it is fresh:
 - ``signature`` is ECDSA P-256 with SHA-256 by the admin's private key.
 - ``certificate`` is the admin's certificate (PEM). The verifier checks it chains to the project
   CA (:func:`~fedcell.deploy.certificates.verify_participant`), that its role is an admin role,
-  that it names the ``admin`` of the body, and that the signature verifies with its key.
+  that it names the ``admin`` of the body, and that the signature verifies with its key. The
+  admin's name, role and organization come from that certificate (the CA vouches for them), never
+  from the body.
 - Revocation: given the server's :class:`~fedcell.deploy.kit.TrustedParticipants`, the admin
   must still be in the trust folder (an admin removed from ``project.yml`` is refused at once).
 - Freshness: ``issued_at`` (seconds since the epoch) must be within ``max_age`` seconds in the past
@@ -80,6 +82,8 @@ class VerifiedCommand:
         The admin's name, from its certificate.
     role:
         The admin's role (``project_admin``, ``lead`` or ``member``), from its certificate.
+    organization:
+        The admin's organization, from its certificate (``None``: it names none).
     payload:
         The command itself, as signed.
     issued_at:
@@ -90,6 +94,7 @@ class VerifiedCommand:
 
     admin: str
     role: str
+    organization: str | None
     payload: Any
     issued_at: float
     nonce: str
@@ -221,4 +226,6 @@ def verify_command(
         )
     if replay_guard is not None:
         replay_guard.admit(nonce, issued_at + max_age + max_skew, now)
-    return VerifiedCommand(admin.name, admin.role, body["payload"], float(issued_at), nonce)
+    return VerifiedCommand(
+        admin.name, admin.role, admin.organization, body["payload"], float(issued_at), nonce
+    )

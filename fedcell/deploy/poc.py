@@ -188,7 +188,7 @@ def _participants(workspace: Path) -> list[str]:
     from fedcell.deploy.project import load_project
 
     project = load_project(_prepared(workspace) / "project.yml")
-    return [project.server.name, *project.sites]
+    return [project.server.name, *(site.name for site in project.sites)]
 
 
 def _prepared(workspace: Path) -> Path:

@@ -1,6 +1,7 @@
-"""``project.yml``: who takes part in a deployment and where the server is.
+"""``project.yml``: who takes part in a deployment, their organizations, and where the server is.
 
-Schema (every key but ``sites`` and ``admins`` entries' ``role`` is required)::
+Schema (``project``, ``server.host``, ``server.port``, ``sites`` and each admin's ``name`` are
+required; the rest is optional)::
 
     project: hospital-net          # the project name; the CA is "<project> CA"
     server:
@@ -8,15 +9,22 @@ Schema (every key but ``sites`` and ``admins`` entries' ``role`` is required)::
       host: fl.example.org         # what sites and admins connect to (a name or an IP)
       port: 8002
       listen_host: "*"             # the address the server binds (default: every interface)
-    sites: [site-1, site-2]
+      org: nvidia                  # the server's organization (default: none)
+    sites:
+      - site-1                     # a name: a site without an organization
+      - {name: site-2, org: hospital-b}
     admins:
       - name: alice
         role: project_admin        # project_admin | lead | member (default: member)
+        org: hospital-a            # the admin's organization (default: none)
     certificate_days: 365          # participant certificate lifetime (default: 365)
 
 Every name is a participant name and a cell name: one label of letters, digits, ``_`` and ``-``
 (no dots: dotted names are a participant's own sub-cells, such as ``site-1.job-7``). Names are
-unique across the server, sites and admins. Unknown keys are refused, so a misspelt key is an
+unique across the server, sites and admins. An organization is a label of the same form; it goes
+into the participant's certificate (:mod:`fedcell.deploy.certificates`), so a site policy can
+restrict submitters by organization (``submit.organizations``) on an identity the CA vouches for.
+Several participants may share an organization. Unknown keys are refused, so a misspelt key is an
 error rather than a silently ignored setting.
 """
 
@@ -33,7 +41,7 @@ import yaml
 from fedcell.deploy.certificates import ADMIN_ROLES
 from fedcell.errors import ConfigError
 
-__all__ = ["Admin", "Project", "ServerAddress", "load_project", "parse_project"]
+__all__ = ["Admin", "Project", "ServerAddress", "Site", "load_project", "parse_project"]
 
 _LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
 
@@ -73,27 +81,46 @@ def _bracketed(host: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Site:
+    """A site: trains, under the policy of its own ``org`` (``None``: no organization)."""
+
+    name: str
+    org: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Admin:
-    """An admin: signs job commands with the certificate of ``role``."""
+    """An admin: signs job commands with the certificate of ``role`` (and ``org``, if any)."""
 
     name: str
     role: str = "member"
+    org: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Project:
-    """A parsed ``project.yml`` (see the module docstring for the schema)."""
+    """A parsed ``project.yml`` (see the module docstring for the schema).
+
+    ``server_org`` is the server's organization (``server.org`` in the file).
+    """
 
     name: str
     server: ServerAddress
-    sites: tuple[str, ...]
+    sites: tuple[Site, ...]
     admins: tuple[Admin, ...] = ()
     certificate_days: int = 365
+    server_org: str | None = None
 
     def __post_init__(self) -> None:
-        names = [self.server.name, *self.sites, *(a.name for a in self.admins)]
+        names = [self.server.name, *(s.name for s in self.sites), *(a.name for a in self.admins)]
         for name in [self.name, *names]:
             _check_label(name)
+        for name, org in self.organizations().items():
+            if org is not None and (not isinstance(org, str) or not _LABEL.fullmatch(org)):
+                raise ConfigError(
+                    f"{name!r} has an invalid organization {org!r}: expected 1-63 letters, "
+                    "digits, '_' or '-'"
+                )
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ConfigError(f"participant names must be unique; repeated: {duplicates}")
@@ -113,8 +140,16 @@ class Project:
         """Participant name → role, server first, then sites, then admins."""
         return {
             self.server.name: "server",
-            **{site: "site" for site in self.sites},
+            **{site.name: "site" for site in self.sites},
             **{admin.name: admin.role for admin in self.admins},
+        }
+
+    def organizations(self) -> dict[str, str | None]:
+        """Participant name → organization (``None``: none), in the order of :meth:`roles`."""
+        return {
+            self.server.name: self.server_org,
+            **{site.name: site.org for site in self.sites},
+            **{admin.name: admin.org for admin in self.admins},
         }
 
 
@@ -151,13 +186,22 @@ def parse_project(tree: Any, source: str = "project.yml") -> Project:
     _typed(tree, dict, source)
     _take(tree, source, {"project", "server", "sites"}, {"admins", "certificate_days"})
     server = _typed(tree["server"], dict, f"{source}: server")
-    _take(server, f"{source}: server", {"host", "port"}, {"name", "listen_host"})
-    sites = _typed(tree["sites"], list, f"{source}: sites")
+    _take(server, f"{source}: server", {"host", "port"}, {"name", "listen_host", "org"})
+    sites = [
+        _site(entry, f"{source}: sites[{i}]")
+        for i, entry in enumerate(_typed(tree["sites"], list, f"{source}: sites"))
+    ]
     admins = []
     for i, entry in enumerate(_typed(tree.get("admins", []), list, f"{source}: admins")):
         where = f"{source}: admins[{i}]"
-        _take(_typed(entry, dict, where), where, {"name"}, {"role"})
-        admins.append(Admin(entry["name"], _typed(entry.get("role", "member"), str, where)))
+        _take(_typed(entry, dict, where), where, {"name"}, {"role", "org"})
+        admins.append(
+            Admin(
+                entry["name"],
+                _typed(entry.get("role", "member"), str, f"{where}.role"),
+                _org(entry, f"{where}.org"),
+            )
+        )
     return Project(
         name=_typed(tree["project"], str, f"{source}: project"),
         server=ServerAddress(
@@ -166,10 +210,27 @@ def parse_project(tree: Any, source: str = "project.yml") -> Project:
             port=_typed(server["port"], int, f"{source}: server.port"),
             listen_host=_typed(server.get("listen_host", "*"), str, f"{source}: listen_host"),
         ),
-        sites=tuple(_typed(site, str, f"{source}: sites[{i}]") for i, site in enumerate(sites)),
+        sites=tuple(sites),
         admins=tuple(admins),
         certificate_days=_typed(tree.get("certificate_days", 365), int, f"{source}: days"),
+        server_org=_org(server, f"{source}: server.org"),
     )
+
+
+def _site(entry: Any, where: str) -> Site:
+    """A ``sites`` entry: a name, or a ``{name, org}`` mapping."""
+    if isinstance(entry, dict):
+        _take(entry, where, {"name"}, {"org"})
+        return Site(_typed(entry["name"], str, f"{where}.name"), _org(entry, f"{where}.org"))
+    if not isinstance(entry, str):
+        raise ConfigError(f"{where} must be a name or a {{name, org}} mapping, got {entry!r}")
+    return Site(entry)
+
+
+def _org(entry: Mapping[str, Any], where: str) -> str | None:
+    """The optional ``org`` of ``entry`` (a string; its form is checked by :class:`Project`)."""
+    org = entry.get("org")
+    return None if org is None else str(_typed(org, str, where))
 
 
 def load_project(path: Path) -> Project:

@@ -13,8 +13,8 @@ Re-provisioning is incremental
 ------------------------------
 Keys are made once and kept in ``state/``: provisioning again after editing ``project.yml``
 reuses the CA, every participant's keys and its certificate. A certificate is re-issued only when
-the participant's role changed or it expires within :data:`RENEW_WITHIN` (or half its lifetime,
-if shorter) - with the same keys. The server's address is not in any certificate, only in each
+the participant's role or organization changed or it expires within :data:`RENEW_WITHIN` (or half
+its lifetime, if shorter) - with the same keys. The server's address is not in any certificate, only in each
 kit's ``kit.json``. Kit files are compared byte by byte and only changed files are written, so:
 
 - editing the server's address rewrites every ``kit.json`` and nothing else;
@@ -22,13 +22,20 @@ kit's ``kit.json``. Kit files are compared byte by byte and only changed files a
   ``trusted/`` folder (a running server reads it when the new site first connects); the other
   kits do not change at all;
 - removing a site removes its certificate from the server's ``trusted/`` folder, so the server
-  stops admitting it (its kit folder is left in place and reported as stale).
+  stops admitting it (its kit folder is left in place and reported as stale);
+- changing a site's or an admin's role or organization re-issues its certificate: its kit's
+  ``participant.pem`` and the server's ``trusted/`` copy are rewritten, nothing else (the
+  server's own certificate also travels as ``server.pem`` in every other kit, so a change of the
+  server's organization rewrites that file everywhere; the old copies keep working, as the keys
+  are the same).
 
 Each site kit also gets a default site policy, ``policy.yml`` (:data:`POLICY_FILE`), written
 once when the kit has none and never touched again: it is the site's own file, to edit (its
 daemon reads it at every job submission), so re-provisioning neither rewrites nor reports it. The
 default lets the project's ``project_admin`` and ``lead`` admins submit jobs, with source code,
-at most 4 at a time (see :mod:`fedcell.engine.policy` for the format).
+at most 4 at a time (see :mod:`fedcell.engine.policy` for the format); a commented-out
+``organizations`` line shows how to restrict submitters to the organizations ``project.yml``
+gives admins.
 
 A state folder refuses a ``project.yml`` of another project (:class:`~fedcell.errors.ConfigError`):
 one CA per project. Files holding secrets are written with mode 0600, atomically (temporary file
@@ -88,6 +95,7 @@ _DEFAULT_POLICY: Final = """\
 site: {site}
 submit:
   roles: [project_admin, lead]        # admin roles that may submit jobs (names: [...] for people)
+  # organizations: [hospital-a]       # only admins of these orgs (their org in project.yml)
 custom_code:
   allow: [source]                     # job code shipped in the job folder's custom/
   roles: [project_admin, lead]
@@ -199,7 +207,9 @@ class _State:
             _write(key_path, _key_pem(self.ca_key), _SECRET)
             _write(cert_path, certificate_pem(self.ca_cert), _PUBLIC)
 
-    def credentials(self, name: str, role: str, days: int) -> tuple[_Credentials, bool]:
+    def credentials(
+        self, name: str, role: str, organization: str | None, days: int
+    ) -> tuple[_Credentials, bool]:
         """``name``'s keys (made if new) and a current certificate; whether it was issued now."""
         folder = self.folder / "participants" / name
         key_path, curve_path = folder / PARTICIPANT_KEY, folder / CURVE_SECRET
@@ -213,7 +223,8 @@ class _State:
             curve_public, curve_secret = curve_keypair()
             _write(key_path, _key_pem(key), _SECRET)
             _write(curve_path, curve_secret + b"\n", _SECRET)
-        if cert_path.exists() and self._current(cert_path, name, role, curve_public, days):
+        wanted = (name, role, organization, curve_public)
+        if cert_path.exists() and self._current(cert_path, wanted, days):
             return _Credentials(
                 key, load_certificate(cert_path.read_bytes(), name), curve_secret
             ), False
@@ -225,22 +236,28 @@ class _State:
             public_key=key.public_key(),
             curve_key=curve_public,
             days=days,
+            organization=organization,
         )
         _write(cert_path, certificate_pem(cert), _PUBLIC)
         return _Credentials(key, cert, curve_secret), True
 
-    def _current(self, cert_path: Path, name: str, role: str, curve: bytes, days: int) -> bool:
+    def _current(
+        self, cert_path: Path, wanted: tuple[str, str, str | None, bytes], days: int
+    ) -> bool:
+        """Whether the certificate at ``cert_path`` says ``(name, role, organization, curve
+        key)`` and is not due for renewal."""
         try:
-            known = verify_participant(load_certificate(cert_path.read_bytes(), name), self.ca_cert)
+            known = verify_participant(
+                load_certificate(cert_path.read_bytes(), wanted[0]), self.ca_cert
+            )
         except AuthenticationError:
             return False
         cert = known.certificate
         lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
         renew_within = min(RENEW_WITHIN, lifetime / 2, datetime.timedelta(days=days) / 2)
         remaining = cert.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
-        return (known.name, known.role, known.curve_key) == (name, role, curve) and (
-            remaining > renew_within
-        )
+        says = (known.name, known.role, known.organization, known.curve_key)
+        return says == wanted and remaining > renew_within
 
 
 def _sync_kit(
@@ -295,9 +312,12 @@ def provision(project: Project, workspace: Path) -> ProvisionReport:
     kits = workspace / "kits"
     report = ProvisionReport(kits)
     roles = project.roles()
+    organizations = project.organizations()
     credentials: dict[str, _Credentials] = {}
     for name, role in roles.items():
-        credentials[name], issued = state.credentials(name, role, project.certificate_days)
+        credentials[name], issued = state.credentials(
+            name, role, organizations[name], project.certificate_days
+        )
         if issued:
             report.issued.append(name)
     ca_pem = certificate_pem(state.ca_cert)

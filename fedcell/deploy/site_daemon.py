@@ -18,8 +18,9 @@ Operations
     ``jobs/<id>/job/``, reads the job's :class:`~fedcell.engine.policy.JobMeta` from its config
     without importing anything (:func:`~fedcell.deploy.job_archive.job_meta`), and asks the site
     policy (:meth:`~fedcell.engine.policy.SitePolicy.check_submission`) with the submitter the
-    verified certificate names (name, role; authenticated) and the number of jobs deployed or
-    running here. A refusal is a :class:`~fedcell.errors.PolicyError` naming the site, the job and
+    verified certificate names (name, role, organization; authenticated), so ``submit.roles``,
+    ``names`` and ``organizations`` all rest on what the project CA signed, and the number of jobs
+    deployed or running here. A refusal is a :class:`~fedcell.errors.PolicyError` naming the site, the job and
     the rule; its message is what the submitter reads. A refused or unreadable job leaves nothing
     on disk. Reply ``{"accepted": True}``.
 ``start`` (``job_id``)
@@ -237,7 +238,12 @@ class SiteDaemon:
                 f"{self.kit.name} refuses job {job_id}: the submitter {command.admin!r} chose "
                 f"the sites {chosen}, not this one"
             )
-        submitter = Submitter(command.admin, frozenset({command.role}), authenticated=True)
+        submitter = Submitter(
+            command.admin,
+            frozenset({command.role}),
+            organization=command.organization,
+            authenticated=True,
+        )
         async with self._deploying:  # one at a time: each counts the jobs admitted before it
             if job_id in self._jobs:
                 raise JobError(f"job {job_id} is already deployed at {self.kit.name}")

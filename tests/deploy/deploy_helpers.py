@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,21 @@ def project_tree(
         "sites": list(sites),
         "admins": [{"name": "alice", "role": "project_admin"}, {"name": "bob"}],
     }
+
+
+def with_organizations(tree: dict[str, Any], orgs: Mapping[str, str]) -> dict[str, Any]:
+    """``tree`` with ``org`` set for the participants ``orgs`` names (a site becomes a
+    ``{name, org}`` mapping; the server is named by its default name ``server``)."""
+    if "server" in orgs:
+        tree["server"]["org"] = orgs["server"]
+    tree["sites"] = [
+        {"name": site, "org": orgs[site]} if isinstance(site, str) and site in orgs else site
+        for site in tree["sites"]
+    ]
+    for admin in tree["admins"]:
+        if admin["name"] in orgs:
+            admin["org"] = orgs[admin["name"]]
+    return tree
 
 
 def provision_tree(tree: dict[str, Any], workspace: Path) -> ProvisionReport:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from deploy_helpers import project_tree, provision_tree, tampered
+from deploy_helpers import project_tree, provision_tree, tampered, with_organizations
 
 from fedcell.deploy.commands import (
     ReplayGuard,
@@ -43,6 +43,23 @@ def test_a_signed_command_verifies_and_names_its_admin(kits: Path) -> None:
     assert (verified.admin, verified.role) == ("alice", "project_admin")
     assert verified.payload == {"action": "submit", "job": "fedavg", "sites": ["site-1"]}
     assert abs(verified.issued_at - time.time()) < 60 and len(verified.nonce) == 32
+
+
+def test_a_verified_command_carries_the_organization_of_its_admins_certificate(
+    tmp_path: Path,
+) -> None:
+    # Prepare: alice belongs to hospital-a; bob to no organization
+    provision_tree(with_organizations(project_tree(), {"alice": "hospital-a"}), tmp_path)
+    kits = tmp_path / "kits"
+    ca = StartupKit.load(kits / "site-1").ca_certificate
+
+    # Execute
+    alice = verify_command(ca, sign_command(StartupKit.load(kits / "alice"), {"action": "list"}))
+    bob = verify_command(ca, sign_command(StartupKit.load(kits / "bob"), {"action": "list"}))
+
+    # Assert
+    assert (alice.admin, alice.role, alice.organization) == ("alice", "project_admin", "hospital-a")
+    assert (bob.admin, bob.organization) == ("bob", None)
 
 
 def test_an_altered_command_is_refused(kits: Path) -> None:

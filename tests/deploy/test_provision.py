@@ -9,15 +9,23 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from deploy_helpers import kit_files, project_tree, provision_tree, tampered
+from cryptography import x509
+from deploy_helpers import kit_files, project_tree, provision_tree, tampered, with_organizations
 
 from fedcell.cli import main as cli
-from fedcell.deploy.certificates import load_certificate, verify_participant
+from fedcell.deploy.certificates import (
+    ORGANIZATION_OID,
+    issue_ca,
+    issue_participant,
+    load_certificate,
+    new_signing_key,
+    verify_participant,
+)
 from fedcell.deploy.kit import StartupKit, TrustedParticipants
-from fedcell.deploy.project import load_project, parse_project
+from fedcell.deploy.project import Admin, Site, load_project, parse_project
 from fedcell.engine.policy import SitePolicy
 from fedcell.errors import AuthenticationError, ConfigError
-from fedcell.transports.zmq_security import curve_public_key
+from fedcell.transports.zmq_security import curve_keypair, curve_public_key
 
 
 def mode(path: Path) -> int:
@@ -183,6 +191,106 @@ def test_a_changed_admin_role_reissues_the_certificate_with_the_same_keys(tmp_pa
     assert StartupKit.load(alice).role == "lead"
 
 
+def test_an_organization_change_reissues_that_certificate_with_the_same_keys(
+    tmp_path: Path,
+) -> None:
+    # Prepare: site-2 and alice have no organization yet
+    provision_tree(project_tree(), tmp_path)
+    kits = tmp_path / "kits"
+    before = {p.name: kit_files(p) for p in kits.iterdir()}
+    assert StartupKit.load(kits / "site-2").me.organization is None
+
+    # Execute: site-2 and alice get one; then alice moves to another
+    joined = provision_tree(with_organizations(project_tree(), {"site-2": "hospital-b",
+                                                                "alice": "hospital-a"}),
+                            tmp_path)  # fmt: skip
+    after_joining = {p.name: kit_files(p) for p in kits.iterdir()}
+    moved = provision_tree(with_organizations(project_tree(), {"site-2": "hospital-b",
+                                                               "alice": "hospital-c"}),
+                           tmp_path)  # fmt: skip
+
+    # Assert: the report names the re-issued certificates and the files they changed
+    assert joined.issued == ["site-2", "alice"]
+    assert joined.updated == {
+        "server": ["trusted/alice.pem", "trusted/site-2.pem"],
+        "site-2": ["participant.pem"],
+        "alice": ["participant.pem"],
+    }
+    assert sorted(joined.unchanged) == ["bob", "site-1"]
+    assert moved.issued == ["alice"]
+    assert moved.updated == {"server": ["trusted/alice.pem"], "alice": ["participant.pem"]}
+    # same keys, a new certificate that names the organization; nothing else changed
+    for name in ("site-2", "alice"):
+        changed = {f for f in before[name] if before[name][f] != after_joining[name][f]}
+        assert changed == {"participant.pem"}
+    assert after_joining["site-1"] == before["site-1"] and after_joining["bob"] == before["bob"]
+    site_2, alice = StartupKit.load(kits / "site-2"), StartupKit.load(kits / "alice")
+    assert (site_2.me.organization, alice.me.organization) == ("hospital-b", "hospital-c")
+    assert StartupKit.load(kits / "site-1").me.organization is None
+    assert alice.me.role == "project_admin"
+    ca = alice.ca_certificate
+    trusted_copy = (kits / "server" / "trusted" / "alice.pem").read_bytes()
+    assert verify_participant(load_certificate(trusted_copy, "alice"), ca).organization == (
+        "hospital-c"
+    )
+    assert TrustedParticipants(ca, kits / "server" / "trusted")(alice.me.curve_key) == "alice"
+
+
+def test_a_server_organization_reissues_the_server_certificate_everywhere_it_travels(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    provision_tree(project_tree(), tmp_path)
+    kits = tmp_path / "kits"
+    server_key = (kits / "server" / "participant.key").read_bytes()
+
+    # Execute
+    report = provision_tree(with_organizations(project_tree(), {"server": "nvidia"}), tmp_path)
+
+    # Assert: the server's certificate and every other kit's copy of it, same keys
+    assert report.issued == ["server"]
+    assert report.updated == {
+        "server": ["participant.pem"],
+        **{name: ["server.pem"] for name in ("site-1", "site-2", "alice", "bob")},
+    }
+    assert (kits / "server" / "participant.key").read_bytes() == server_key
+    assert StartupKit.load(kits / "server").me.organization == "nvidia"
+    assert StartupKit.load(kits / "site-1").server_certificate.organization == "nvidia"
+
+
+def test_a_certificate_carries_the_organization_as_organization_identifier() -> None:
+    # Prepare
+    ca_key = new_signing_key()
+    ca = issue_ca("demo", ca_key)
+
+    def issue(name: str, organization: str | None) -> x509.Certificate:
+        return issue_participant(
+            ca_key=ca_key,
+            ca_cert=ca,
+            name=name,
+            role="lead",
+            days=1,
+            public_key=new_signing_key().public_key(),
+            curve_key=curve_keypair()[0],
+            organization=organization,
+        )
+
+    # Execute
+    with_org, without = issue("alice", "hospital-a"), issue("bob", None)
+
+    # Assert: the attribute is 2.5.4.97 beside O=<project>, OU=<role>; absent without an org
+    assert ORGANIZATION_OID.dotted_string == "2.5.4.97"
+    assert with_org.subject.rfc4514_string() == "2.5.4.97=hospital-a,OU=lead,O=demo,CN=alice"
+    assert without.subject.get_attributes_for_oid(ORGANIZATION_OID) == []
+    alice, bob = verify_participant(with_org, ca), verify_participant(without, ca)
+    assert (alice.name, alice.role, alice.project, alice.organization) == (
+        "alice", "lead", "demo", "hospital-a"
+    )  # fmt: skip
+    assert (bob.name, bob.organization) == ("bob", None)
+    with pytest.raises(ConfigError, match="the organization of 'carol' is empty"):
+        issue("carol", "")
+
+
 def test_a_workspace_refuses_another_project(tmp_path: Path) -> None:
     provision_tree(project_tree("demo"), tmp_path)
     with pytest.raises(ConfigError, match="holds the CA of project 'demo', not 'other'"):
@@ -199,6 +307,15 @@ def test_a_workspace_refuses_another_project(tmp_path: Path) -> None:
         (lambda t: t["server"].update(port=70000), "not in 1..65535"),
         (lambda t: t["server"].update(port="8002"), "must be a int"),
         (lambda t: t.pop("sites"), "missing keys"),
+        (lambda t: t["sites"].append({"name": "site-3", "colour": "blue"}), r"sites\[2\]: unknown"),
+        (lambda t: t["sites"].append({"org": "hospital-a"}), r"sites\[2\]: missing keys"),
+        (lambda t: t["sites"].append(7), r"sites\[2\] must be a name or a \{name, org\}"),
+        (lambda t: t["sites"].append({"name": "site-3", "org": "hospital a"}),
+         "'site-3' has an invalid organization 'hospital a'"),
+        (lambda t: t["sites"].append({"name": "site-3", "org": 7}), r"sites\[2\]\.org must be"),
+        (lambda t: t["admins"][0].update(org="hospital.a"), "'alice' has an invalid organization"),
+        (lambda t: t["admins"][0].update(org=["a"]), r"admins\[0\]\.org must be a str"),
+        (lambda t: t["server"].update(org=""), "'server' has an invalid organization ''"),
     ],
 )
 def test_project_file_errors_name_the_problem(change: object, message: str) -> None:
@@ -208,6 +325,34 @@ def test_project_file_errors_name_the_problem(change: object, message: str) -> N
         parse_project(tree)
 
 
+def test_sites_are_names_or_mappings_and_everyone_may_have_an_organization(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    project_file = tmp_path / "project.yml"
+    project_file.write_text(
+        "project: demo\n"
+        "server: {host: fl.example.org, port: 8002, org: nvidia}\n"
+        "sites:\n  - site-1\n  - {name: site-2, org: hospital-b}\n  - name: site-3\n"
+        "    org: hospital-b\n"
+        "admins:\n  - {name: alice, role: lead, org: hospital-a}\n  - {name: bob}\n"
+    )
+
+    # Execute
+    project = load_project(project_file)
+
+    # Assert
+    assert project.sites == (Site("site-1"), Site("site-2", "hospital-b"),
+                             Site("site-3", "hospital-b"))  # fmt: skip
+    assert project.admins == (Admin("alice", "lead", "hospital-a"), Admin("bob"))
+    assert project.server_org == "nvidia"
+    assert project.organizations() == {
+        "server": "nvidia", "site-1": None, "site-2": "hospital-b", "site-3": "hospital-b",
+        "alice": "hospital-a", "bob": None,
+    }  # fmt: skip
+    assert list(project.roles()) == list(project.organizations())
+
+
 def test_cli_provisions_from_a_yaml_file(tmp_path: Path) -> None:
     # Prepare
     project_file = tmp_path / "project.yml"
@@ -215,7 +360,7 @@ def test_cli_provisions_from_a_yaml_file(tmp_path: Path) -> None:
         "project: demo\nserver:\n  host: fl.example.org\n  port: 8002\nsites: [site-1]\n"
         "admins:\n  - name: alice\n    role: lead\n"
     )
-    assert load_project(project_file).sites == ("site-1",)
+    assert load_project(project_file).sites == (Site("site-1"),)
 
     # Execute
     first = CliRunner().invoke(cli, ["provision", str(project_file)])

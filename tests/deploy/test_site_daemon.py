@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from deploy_helpers import free_port, project_tree, provision_tree
+from deploy_helpers import free_port, project_tree, provision_tree, with_organizations
 from site_helpers import (
     JOB_NAME,
     archive_of,
@@ -94,6 +94,51 @@ def test_deploys_are_refused_by_the_site_policy_with_the_reason_and_leave_nothin
         jobs = tmp_path / "ws" / "site-1" / "jobs"
         assert sorted(p.name for p in jobs.iterdir()) == ["j3"]
         assert (jobs / "j3" / "job" / "job.json").is_file()
+
+    asyncio.run(main())
+
+
+def test_a_policy_restricted_to_an_organization_admits_only_admins_of_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        # Prepare: three project admins, of hospital-a, of hospital-b and of none; site-1
+        # admits project admins of hospital-a only
+        tree = project_tree(port=free_port())
+        tree["admins"] += [{"name": "carol", "role": "project_admin"},
+                           {"name": "dave", "role": "project_admin"}]  # fmt: skip
+        with_organizations(tree, {"alice": "hospital-a", "carol": "hospital-b"})
+        provision_tree(tree, tmp_path / "project")
+        kits = tmp_path / "project" / "kits"
+        policy = tmp_path / "policy.yml"
+        policy.write_text(
+            "submit: {roles: [project_admin], organizations: [hospital-a]}\n"
+            "custom_code: {allow: [source]}\n"
+        )
+        archive = archive_of(numpy_job(1), tmp_path)
+        async with deployment(kits, tmp_path / "ws", policies={"site-1": policy}) as (server, _):
+            # Execute
+            accepted = await ask(server, "site-1",
+                                 deploy_request("a", submit_command(kits, archive), archive))
+            refused: dict[str, RemoteError] = {}
+            for admin in ("carol", "dave"):
+                with pytest.raises(RemoteError) as refusal:
+                    await ask(server, "site-1", deploy_request(
+                        admin, submit_command(kits, archive, admin), archive))  # fmt: skip
+                refused[admin] = refusal.value
+            status = await ask(server, "site-1", {"op": "status"})
+
+        # Assert: the refusals name the rule and the organization the certificate gives
+        assert accepted == {"accepted": True}
+        for admin, organization in (("carol", "'hospital-b'"), ("dave", "None")):
+            assert refused[admin].remote_type == "PolicyError"
+            assert f"site-1 refuses job {JOB_NAME!r}: rule submit.organizations" in str(
+                refused[admin]
+            )
+            assert (
+                f"submitter {admin!r} of organization {organization} is not in ['hospital-a']"
+                in str(refused[admin])
+            )
+        assert list(status["jobs"]) == ["a"]
+        assert sorted(p.name for p in (tmp_path / "ws" / "site-1" / "jobs").iterdir()) == ["a"]
 
     asyncio.run(main())
 
