@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from deploy_helpers import kit_files, project_tree, provision_tree, tampered, with_organizations
 
 from fedcell.cli import main as cli
@@ -255,7 +256,8 @@ def test_a_server_organization_reissues_the_server_certificate_everywhere_it_tra
     }
     assert (kits / "server" / "participant.key").read_bytes() == server_key
     assert StartupKit.load(kits / "server").me.organization == "nvidia"
-    assert StartupKit.load(kits / "site-1").server_certificate.organization == "nvidia"
+    server_copy = StartupKit.load(kits / "site-1").server_certificate
+    assert server_copy is not None and server_copy.organization == "nvidia"
 
 
 def test_a_certificate_carries_the_organization_as_organization_identifier() -> None:
@@ -289,6 +291,32 @@ def test_a_certificate_carries_the_organization_as_organization_identifier() -> 
     assert (bob.name, bob.organization) == ("bob", None)
     with pytest.raises(ConfigError, match="the organization of 'carol' is empty"):
         issue("carol", "")
+
+
+def test_a_certificate_naming_two_organizations_is_refused() -> None:
+    # Prepare: the CA signs a subject with a second organizationIdentifier
+    ca_key = new_signing_key()
+    ca = issue_ca("demo", ca_key)
+    cert = issue_participant(ca_key=ca_key, ca_cert=ca, name="alice", role="lead", days=1,
+                             public_key=new_signing_key().public_key(),
+                             curve_key=curve_keypair()[0], organization="hospital-a")  # fmt: skip
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([*cert.subject, x509.NameAttribute(ORGANIZATION_OID, "other")]))
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(cert.serial_number)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    two = builder.sign(ca_key, hashes.SHA256())
+
+    # Execute / Assert
+    assert verify_participant(cert, ca).organization == "hospital-a"
+    with pytest.raises(AuthenticationError, match="has a malformed organization"):
+        verify_participant(two, ca)
 
 
 def test_a_workspace_refuses_another_project(tmp_path: Path) -> None:
