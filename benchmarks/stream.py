@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import resource
@@ -52,6 +53,7 @@ GiB = 1024 * MiB
 LAYER_BYTES = 64 * MiB
 WARMUP_BYTES = 64 * MiB
 DONE = b"done"
+THREAD_GROUPS = ("main", "zmq-io", "other")
 
 
 def peak_rss_mib() -> float:
@@ -88,6 +90,30 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of this process's live threads by kind: the main thread
+    (the event loop, for cells), ZeroMQ's I/O thread, and the others (pyzmq's zero-copy
+    garbage collector, executors)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    groups = dict.fromkeys(THREAD_GROUPS, 0.0)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        group = "main" if int(tid) == os.getpid() else "zmq-io" if name.startswith("ZMQbg/IO") else "other"
+        groups[group] += (int(fields[11]) + int(fields[12])) / tick
+    return groups
+
+
+def per_rep(marks: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Each repetition's CPU seconds per thread kind, from the marks taken after each one."""
+    return [{g: round(b[g] - a[g], 3) for g in THREAD_GROUPS} for a, b in itertools.pairwise(marks)]
+
+
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
 
@@ -115,6 +141,7 @@ def zmq_pull(spec: dict[str, Any]) -> None:
     print(f"ready {url} {ack_url}", flush=True)
     durations: list[float] = []
     cpu: list[float] = []
+    marks: list[dict[str, float]] = []
     while True:
         header = sock.recv()
         if header == DONE:
@@ -123,12 +150,14 @@ def zmq_pull(spec: dict[str, Any]) -> None:
         frames = [sock.recv(copy=False) for _ in range(chunks)]
         durations.append(time.monotonic() - t0)
         cpu.append(cpu_seconds())
+        marks.append(thread_cpu())
         del frames
         acks.send(b"ok")
     sock.close(linger=0)
     acks.close(linger=-1)
     ctx.term()
-    emit({"durations": durations[1:], "cpu_s": cpu[-1] - cpu[0], "peak_rss_mib": peak_rss_mib()})
+    emit({"durations": durations[1:], "cpu_s": cpu[-1] - cpu[0], "peak_rss_mib": peak_rss_mib(),
+          "thread_reps": per_rep(marks)})  # fmt: skip
 
 
 def zmq_push(spec: dict[str, Any]) -> None:
@@ -143,6 +172,7 @@ def zmq_push(spec: dict[str, Any]) -> None:
     payload = np.full(spec["size"] // 4, 1.0, dtype=np.float32)
     view = memoryview(payload).cast("B")
     cpu: list[float] = []
+    marks: list[dict[str, float]] = []
     for rep in range(spec["reps"] + 1):
         size = min(view.nbytes, WARMUP_BYTES) if rep == 0 else view.nbytes
         chunks = -(-size // chunk)
@@ -151,11 +181,12 @@ def zmq_push(spec: dict[str, Any]) -> None:
             sock.send(view[i * chunk : min((i + 1) * chunk, size)], copy=False)
         acks.recv()
         cpu.append(cpu_seconds())
+        marks.append(thread_cpu())
     sock.send(DONE)
     sock.close(linger=-1)
     acks.close(linger=0)
     ctx.term()
-    emit({"cpu_s": cpu[-1] - cpu[0], "peak_rss_mib": peak_rss_mib()})
+    emit({"cpu_s": cpu[-1] - cpu[0], "peak_rss_mib": peak_rss_mib(), "thread_reps": per_rep(marks)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,12 +215,14 @@ async def cell_recv(spec: dict[str, Any]) -> None:
     stop = asyncio.Event()
     durations: list[float] = []
     cpu: list[float] = []
+    marks: list[dict[str, float]] = []
     sink_dir = Path(spec["sink_dir"]) if spec.get("sink_dir") else None
 
     async def on_model(message: Message) -> float:
         elapsed = time.monotonic() - float(message.envelope.headers["t0"])  # type: ignore[arg-type]
         durations.append(elapsed)
         cpu.append(cpu_seconds())
+        marks.append(thread_cpu())
         return elapsed
 
     async def on_file(message: Message) -> float:
@@ -215,6 +248,7 @@ async def cell_recv(spec: dict[str, Any]) -> None:
         "peak_rss_mib": peak_rss_mib(),
         "streams_received": stats.streams_received,
         "peak_inbound_bytes_admitted": stats.peak_inbound_bytes_admitted,
+        "thread_reps": per_rep(marks),
     })  # fmt: skip
 
 
@@ -224,16 +258,18 @@ async def cell_send(spec: dict[str, Any]) -> None:
     model = make_model(spec["size"])
     warmup = model if spec["size"] <= WARMUP_BYTES else make_model(WARMUP_BYTES)
     cpu: list[float] = []
+    marks: list[dict[str, float]] = []
     async with Cell("site-1", parent=spec["url"], config=cell_config(spec)) as site:
         for rep in range(spec["reps"] + 1):
             payload = warmup if rep == 0 else model
             await site.request("server", "model", payload, timeout=900,
                                headers={"t0": time.monotonic()})  # fmt: skip
             cpu.append(cpu_seconds())
+            marks.append(thread_cpu())
         stats = site.statistics().streams
         await site.send("server", "stop")
     emit({"cpu_s": cpu[-1] - cpu[0], "peak_rss_mib": peak_rss_mib(),
-          "peak_in_flight": stats.peak_in_flight})  # fmt: skip
+          "peak_in_flight": stats.peak_in_flight, "thread_reps": per_rep(marks)})  # fmt: skip
 
 
 async def file_send(spec: dict[str, Any]) -> None:
@@ -327,6 +363,10 @@ def transfer(transport: str, size: int, reps: int, chunk: int, window: int) -> d
         "zmq_gbps": round(zmq_gbps, 3),
         "fedcell_gbps": round(cell_gbps, 3),
         "ratio_vs_zmq": round(cell_gbps / zmq_gbps, 3),
+        # Every repetition's seconds (the median is taken): raw pyzmq alternates between runs
+        # at ~0.23 s/GiB and ~0.45 s/GiB on the project's VM, which decides the ratio.
+        "zmq_rep_s": [round(d, 3) for d in raw["receiver"]["durations"]],
+        "fedcell_rep_s": [round(d, 3) for d in cell["receiver"]["durations"]],
         "zmq_recv_peak_rss_mib": round(raw["receiver"]["peak_rss_mib"], 1),
         "send_peak_rss_mib": round(cell["sender"]["peak_rss_mib"], 1),
         "recv_peak_rss_mib": round(cell["receiver"]["peak_rss_mib"], 1),
@@ -334,7 +374,25 @@ def transfer(transport: str, size: int, reps: int, chunk: int, window: int) -> d
         # CPU seconds per GiB moved (all threads), sender + receiver: robust to a busy machine.
         "zmq_cpu_s_per_gib": round(cpu_per_gib(raw, size, reps), 3),
         "fedcell_cpu_s_per_gib": round(cpu_per_gib(cell, size, reps), 3),
+        # Per thread kind and side, the median repetition after the first (the first one also
+        # pays the page faults of memory the receiver has not used yet).
+        "zmq_steady_threads_s_per_gib": steady_threads(raw, size),
+        "fedcell_steady_threads_s_per_gib": steady_threads(cell, size),
     }
+
+
+def steady_threads(pair: dict[str, Any], size: int) -> dict[str, dict[str, float]]:
+    """CPU seconds per GiB of each side's thread kinds: the median over the repetitions after
+    the first (the only one if there is one)."""
+    out: dict[str, dict[str, float]] = {}
+    for side in ("sender", "receiver"):
+        reps = pair[side]["thread_reps"]
+        steady = reps[1:] or reps
+        out[side] = {
+            group: round(statistics.median(r[group] for r in steady) / (size / GiB), 3)
+            for group in THREAD_GROUPS
+        }
+    return out
 
 
 def cpu_per_gib(pair: dict[str, Any], size: int, reps: int) -> float:
@@ -511,6 +569,14 @@ def main() -> None:
         print(f"{r['transport']:>9} {r['payload_mib']:>6.0f} {r['zmq_gbps']:>9.2f} "
               f"{r['fedcell_gbps']:>13.2f} {r['ratio_vs_zmq']:>6.2f} {r['send_peak_rss_mib']:>9.0f} "
               f"{r['recv_peak_rss_mib']:>9.0f} {r['zmq_recv_peak_rss_mib']:>13.0f}")  # fmt: skip
+    print("steady-state CPU s/GiB per thread (median repetition after the first), "
+          "receiver main / zmq-io / other | sender main / zmq-io / other:")
+    for r in rows:
+        for who in ("zmq", "fedcell"):
+            t = r[f"{who}_steady_threads_s_per_gib"]
+            cells = " | ".join(" / ".join(f"{t[side][g]:.2f}" for g in THREAD_GROUPS)
+                               for side in ("receiver", "sender"))  # fmt: skip
+            print(f"  {r['transport']} {r['payload_mib']:>6.0f} MiB {who:>7}: {cells}")
     print(f"file to file over tcp, {files['file_mib']:.0f} MiB in {files['seconds']} s: peak RSS "
           f"sender {files['send_peak_rss_mib']:.0f} MiB, receiver {files['recv_peak_rss_mib']:.0f} MiB")  # fmt: skip
     for name, b in blosc.items():
