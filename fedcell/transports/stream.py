@@ -92,12 +92,17 @@ noisier one. Figures in ``docs/benchmarks.md``.
     Each chunk is one message through the cell and ZeroMQ, and a message costs a fixed amount of
     CPU on both sides (envelope, asyncio wake-ups, zero-copy release tracking). 256 KiB chunks
     cost 2.5-3.4 CPU s/GiB, 1 MiB chunks 1.2-2.8, 4 MiB chunks 0.9-1.9 (raw pyzmq: 0.5-0.8).
-    Larger chunks gain little more and coarsen progress (acks, stall detection) and the
-    receiver's scratch buffer for compressed chunks.
+    In steady state (receiver memory already faulted in) a chunk costs about 130 us of CPU,
+    both sides together, beyond its bytes: 1 MiB chunks 0.82-0.88 CPU s/GiB, 4 MiB 0.64-0.78,
+    16 MiB 0.74. Larger chunks gain little more (16 MiB: about 0.025 s/GiB) and coarsen
+    progress: liveness is judged per chunk, and a 16 MiB chunk takes 34 s on a 4 Mbit/s link,
+    longer than the stall timeout (4 MiB: 8 s). They also grow the receiver's scratch buffer for
+    compressed chunks.
 ``window = 32 MiB``
     8 chunks in flight: one ack (every quarter window, 8 MiB) is always on its way while the
     sender still has room. 4 MiB windows (1 MiB chunks) stalled on acks (2.1-2.4 CPU s/GiB and
-    lower throughput); 64 MiB windows were no faster. 32 MiB also covers the bandwidth-delay
+    lower throughput); 64 MiB windows were no faster, nor were 8 or 16 MiB windows slower with
+    4 MiB chunks over loopback (same CPU s/GiB). 32 MiB also covers the bandwidth-delay
     product of a 1 Gbit/s link with 250 ms round trips, and bounds file-to-file memory.
 ``threshold = 1 MiB``
     Streaming costs two extra round trips (OPEN/GRANT, END/DONE): a 256 KiB request took 4.1 ms
