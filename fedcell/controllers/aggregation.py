@@ -1,9 +1,11 @@
 """In-time weighted averaging of site results: the server holds one accumulator, not n models.
 
 :class:`WeightedMean` is folded one :class:`~fedcell.engine.dispatcher.TaskResult` at a time, as
-results arrive (``Dispatcher.broadcast_and_wait(..., fold=mean.fold)``), and each result can be
-dropped once folded. Memory is the accumulator (one model at accumulator precision) whatever the
-number of sites.
+results arrive (``Dispatcher.broadcast_and_wait(..., fold=mean)``), and each result can be
+dropped once folded. It is a :class:`~fedcell.engine.dispatcher.StreamingFold`: a result that
+arrives as a stream is folded chunk by chunk while it streams in and never exists whole on the
+server. Memory is the accumulator (one model at accumulator precision) whatever the number of
+sites.
 
 Rules, which follow NVIDIA FLARE's weighted aggregation:
 
@@ -19,7 +21,21 @@ Rules, which follow NVIDIA FLARE's weighted aggregation:
   for FULL, the mean diff itself for DIFF), which server optimizers consume.
 - **Validation first**: a result is checked whole (type, known keys, shapes, weight) before any
   of it is added, so a rejected result (:class:`~fedcell.errors.ProtocolError`, recorded by the
-  dispatcher as that site's ``"failed"``) leaves the accumulator untouched.
+  dispatcher as that site's ``"failed"``) leaves the accumulator untouched. A streamed result is
+  checked from its skeleton (every non-array value, every array's dtype and shape), which the
+  stream announces before its first byte.
+
+Folding while streaming (:meth:`WeightedMean.open_stream`): each verified chunk of a param is
+added, at the result's weight, into its slice of the accumulator (elements cut by a chunk
+boundary arrive whole, see :mod:`fedcell.transports.array_sink`; bf16 and float8 chunks are
+widened exactly to float32). The weight, metrics and count of the result are added only when
+the whole stream verified. A stream that breaks midway has added part of a result:
+:meth:`WeightedMean.discard` reports it and :meth:`WeightedMean.reset` starts over, which is how
+``broadcast_and_wait`` restarts the round without that site. Results carrying arrays outside
+``params`` (in ``meta``, say) are taken whole, as before. Several streams fold into the same
+accumulator at once (each adds its own slices), so results are summed in arrival order, chunk
+by chunk; floating-point sums of three or more results can differ in the last bit between runs,
+as whole results arriving in another order do.
 
 Precision and memory (the budget is server memory ≤ 2·S + 256 MiB for an S-byte model): the
 accumulator is float64 when the whole model has at most :data:`FLOAT64_ACCUMULATOR_LIMIT`
@@ -28,9 +44,9 @@ parameters always accumulate in float64). So bf16/fp16 models are summed in at l
 rather than in their own 8-bit mantissa, and a large float32 model costs one extra S. Results come
 back in each reference parameter's dtype (integers rounded), so bf16 stays bf16. Folding adds no
 whole-model temporaries (torch ``add_(alpha=w)``; numpy in blocks of
-:data:`ADD_BLOCK_ELEMENTS`). So a large float32 model's round holds the global model, the
-accumulator and the one result being folded: 3·S. Getting down to 2·S would need each result
-folded chunk by chunk while it streams in. This module does not do that.
+:data:`ADD_BLOCK_ELEMENTS`). With results folded while they stream in, a large float32 model's
+round holds the global model and the accumulator, 2·S, plus about a stream window per result
+in flight; whole results (a runtime that does not stream) add the one being folded: 3·S.
 
 Arrays stay in the reference's library: numpy references accumulate with numpy, torch references
 with torch (CPU), and a site's tensor of the other library is converted on the way in. All
@@ -52,6 +68,7 @@ from fedcell.errors import ProtocolError, StreamCancelledError
 from fedcell.fl_model import FLModel, ParamsType
 from fedcell.transports.array_sink import ArraySink
 from fedcell.transports.codec import ArraySpec
+from fedcell.transports.stream_receiver import ArrayPool
 
 __all__ = [
     "ADD_BLOCK_ELEMENTS",
@@ -189,6 +206,14 @@ class WeightedMean(StreamingFold):
         keys, shapes, dtypes and library. ``None`` averages metrics only (e.g. validation).
     weigh_by:
         The ``meta`` key holding a result's weight; ``None`` weighs every result 1.
+    adopt_results:
+        The caller hands results over (see :meth:`_adopt`).
+    pool:
+        Where accumulators get their memory (zeroed): an
+        :class:`~fedcell.transports.stream_receiver.ArrayPool` that a run of rounds shares, so a
+        round's accumulator reuses the memory of a global model two rounds old instead of fresh
+        memory (whose first touch costs 0.5-2.6 s per GiB of page faults on the project's VM, a
+        large part of a 1 GiB round). Fresh zeroed memory when ``None``.
     """
 
     def __init__(
@@ -197,9 +222,11 @@ class WeightedMean(StreamingFold):
         weigh_by: str | None = "NUM_STEPS_CURRENT_ROUND",
         *,
         adopt_results: bool = False,
+        pool: ArrayPool | None = None,
     ) -> None:
         self.reference: Mapping[str, Any] = reference if reference is not None else {}
         self.adopt_results = adopt_results
+        self._pool = pool
         self._averages_params = reference is not None
         self.weigh_by = weigh_by
         elements = sum(int(np.prod(tuple(v.shape))) for v in self.reference.values())
@@ -255,7 +282,7 @@ class WeightedMean(StreamingFold):
         targets: dict[int, tuple[np.ndarray, ArraySpec]] = {}
         for name, spec in specs.items():
             if name not in self._sums:
-                self._sums[name] = zeros_like(self.reference[name], self._precision_of(name))
+                self._sums[name] = self._zeros(name)
                 self._weights[name] = 0.0
             targets[spec.frame] = (_flat_numpy(self._sums[name]), spec)
         metrics = dict(model.metrics or {})
@@ -349,7 +376,7 @@ class WeightedMean(StreamingFold):
                 if adopted is not None:
                     self._sums[name] = adopted
                     continue
-                self._sums[name] = zeros_like(self.reference[name], self._precision_of(name))
+                self._sums[name] = self._zeros(name)
                 self._weights[name] = 0.0
             add_into(self._sums[name], value, weight)
             self._weights[name] += weight
@@ -384,6 +411,27 @@ class WeightedMean(StreamingFold):
         if weight != 1.0:
             value *= weight
         return value
+
+    @property
+    def accumulator_nbytes(self) -> int:
+        """Bytes of the accumulators of every reference param (the size of a pool for them)."""
+        return sum(
+            int(np.prod(tuple(v.shape))) * np.dtype(self._precision_of(name)).itemsize
+            for name, v in self.reference.items()
+        )
+
+    def _zeros(self, name: str) -> Any:
+        """A zeroed accumulator for ``name`` (from the pool when there is one)."""
+        reference, precision = self.reference[name], self._precision_of(name)
+        if self._pool is None:
+            return zeros_like(reference, precision)
+        if isinstance(reference, np.ndarray):
+            spec = ArraySpec("numpy", np.dtype(precision).str, tuple(reference.shape), 0)
+        else:
+            spec = ArraySpec("torch", precision, tuple(reference.shape), 0)
+        accumulator = self._pool.allocate(spec)
+        _flat_numpy(accumulator).fill(0)
+        return accumulator
 
     def _precision_of(self, name: str) -> str:
         if _float_dtype_name(self.reference[name]) == "float64":

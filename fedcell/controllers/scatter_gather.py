@@ -4,8 +4,10 @@ One round: broadcast ``Task(train_task, FLModel(global, current_round, total_rou
 sites, fold each result into a :class:`~fedcell.controllers.aggregation.WeightedMean` **as it
 arrives** and drop it, then turn the mean into the next global model with
 :meth:`ScatterGather.server_update` (FedAvg: take the mean; FedOpt: a server optimizer step, see
-:mod:`fedcell.controllers.fedopt`). The server therefore holds the global model, one accumulator
-and the result being folded, whatever the number of sites.
+:mod:`fedcell.controllers.fedopt`). Over cells, results that stream in are folded chunk by chunk as
+they arrive, so the server holds the global model and one accumulator whatever the number of
+sites; a result stream that breaks midway restarts the round without that site (see
+:mod:`fedcell.engine.dispatcher`).
 
 k of n: a round needs ``min_clients`` ok results (default: every site). It ends when every site
 answered, or at ``round_timeout`` with at least ``min_clients`` ok (the rest recorded as
@@ -52,6 +54,7 @@ from fedcell.controllers.initial_model import initial_params
 from fedcell.engine.dispatcher import Controller, ControllerContext, Task, TaskResult
 from fedcell.errors import CheckpointError, ConfigError, TooFewResultsError
 from fedcell.fl_model import FLModel, ParamsType
+from fedcell.transports.stream_receiver import ArrayPool
 
 __all__ = ["STOP_OPERATORS", "FedAvg", "ScatterGather"]
 
@@ -254,45 +257,50 @@ class ScatterGather(Controller):
         metrics, stopped_early = progress.metrics, progress.stopped
         current_round = max(progress.next_round - 1, 0)
         first_round = self.rounds if stopped_early else progress.next_round
-        for current_round in range(first_round, self.rounds):
-            started = time.perf_counter()
-            task = Task(
-                self.train_task,
-                FLModel(
-                    params=global_params,
-                    params_type=ParamsType.FULL,
-                    current_round=current_round,
-                    total_rounds=self.rounds,
-                ),
-                props=dict(self.task_props),
-            )
-            # Results come from the dispatcher, decoded for us: fold the first one in place.
-            mean = WeightedMean(global_params, self.weigh_by, adopt_results=True)
-            results = await self._gather(ctx, task, targets, needed, mean, current_round)
-            global_params = self.server_update(global_params, mean, state)
-            metrics = mean.metrics()
-            history.append(
-                _round_record(current_round, results, metrics, time.perf_counter() - started)
-            )
-            ctx.report(current_round + 1, self.rounds, metrics)
-            ctx.logger.info(
-                "%s round %d/%d: %d ok, metrics %s",
-                ctx.node, current_round + 1, self.rounds, mean.count, metrics,
-            )  # fmt: skip
-            stopped_early = self._should_stop(metrics, ctx) and current_round + 1 < self.rounds
-            await ctx.checkpoint(
-                {
-                    "next_round": current_round + 1,
-                    "params": global_params,
-                    "history": history,
-                    "server_state": state,
-                    "metrics": metrics,
-                    "stopped": stopped_early,
-                    "resumed_at": progress.resumed_at,
-                }
-            )
-            if stopped_early:
-                break
+        # Accumulators reuse the memory of global models two rounds old (see WeightedMean).
+        pool = ArrayPool(WeightedMean(global_params).accumulator_nbytes)
+        try:
+            for current_round in range(first_round, self.rounds):
+                started = time.perf_counter()
+                task = Task(
+                    self.train_task,
+                    FLModel(
+                        params=global_params,
+                        params_type=ParamsType.FULL,
+                        current_round=current_round,
+                        total_rounds=self.rounds,
+                    ),
+                    props=dict(self.task_props),
+                )
+                # Results come from the dispatcher, decoded for us: fold the first one in place.
+                mean = WeightedMean(global_params, self.weigh_by, adopt_results=True, pool=pool)
+                results = await self._gather(ctx, task, targets, needed, mean, current_round)
+                global_params = self.server_update(global_params, mean, state)
+                metrics = mean.metrics()
+                history.append(
+                    _round_record(current_round, results, metrics, time.perf_counter() - started)
+                )
+                ctx.report(current_round + 1, self.rounds, metrics)
+                ctx.logger.info(
+                    "%s round %d/%d: %d ok, metrics %s",
+                    ctx.node, current_round + 1, self.rounds, mean.count, metrics,
+                )  # fmt: skip
+                stopped_early = self._should_stop(metrics, ctx) and current_round + 1 < self.rounds
+                await ctx.checkpoint(
+                    {
+                        "next_round": current_round + 1,
+                        "params": global_params,
+                        "history": history,
+                        "server_state": state,
+                        "metrics": metrics,
+                        "stopped": stopped_early,
+                        "resumed_at": progress.resumed_at,
+                    }
+                )
+                if stopped_early:
+                    break
+        finally:
+            pool.close()
         meta: dict[str, Any] = {"history": history, "stopped_early": stopped_early}
         if progress.resumed_at:
             meta["resumed_at"] = progress.resumed_at

@@ -18,6 +18,7 @@ from fedcell.fl_model import FLModel, ParamsType
 from fedcell.transports import codec
 from fedcell.transports.array_sink import ArraySinkAdapter, skeleton
 from fedcell.transports.message import Message
+from fedcell.transports.stream_receiver import ArrayPool
 
 
 def result(site: str, params: dict[str, Any], steps: float = 1.0, **extra: Any) -> TaskResult:
@@ -223,3 +224,28 @@ def test_torch_references_accumulate_streamed_numpy_and_float8_results() -> None
     averaged = mean.mean()
     assert torch.equal(averaged["w"], torch.arange(64, dtype=averaged["w"].dtype))
     assert torch.equal(averaged["q"], torch.full((16,), 0.5, dtype=averaged["q"].dtype))
+
+
+def test_accumulators_reuse_pooled_memory_zeroed_once_the_old_model_is_dropped() -> None:
+    # Prepare: a pool shared by two rounds' means; 2 MiB params are pooled (>= 1 MiB)
+    reference = {"w": np.zeros(512 * 1024, np.float32)}
+    pool = ArrayPool(WeightedMean(reference).accumulator_nbytes)
+    first = WeightedMean(reference, pool=pool)
+    Streamed(result("site-1", {"w": np.full(512 * 1024, 3.0, np.float32)}), chunk=1 << 20).fold(
+        first
+    )
+    model = first.mean()["w"]
+    np.testing.assert_array_equal(model, 3.0)
+    assert pool.reused == 0
+
+    # Execute: the first round's model is dropped; the second round allocates its accumulator
+    del first, model
+    second = WeightedMean(reference, pool=pool)
+    Streamed(result("site-1", {"w": np.full(512 * 1024, 5.0, np.float32)}), chunk=1 << 20).fold(
+        second
+    )
+
+    # Assert: the same memory, zeroed first (5, not 3 + 5)
+    assert pool.reused == 1
+    np.testing.assert_array_equal(second.mean()["w"], 5.0)
+    pool.close()
