@@ -97,7 +97,11 @@ empty: the relays are recorded on the stream frames). Replies stream too, so a s
 update travels back the same way. Streams are end to end, so relays hold no stream state; when a
 neighbour is declared gone, the streams to cells now unreachable are cancelled at once, and a
 request whose stream was cancelled that way raises UnreachableError. Files (:meth:`Cell.send_file`)
-land where the receiving cell's ``file_sink`` says (none: files are refused).
+land where the receiving cell's ``file_sink`` says (none: files are refused). A requester that only
+reduces the replies (a server summing model updates) passes ``reply_sink`` to :meth:`Cell.request`
+or :meth:`Cell.broadcast_replies`: a streamed reply is then consumed piece by piece by an
+:class:`~fedcell.transports.array_sink.ArraySink` and never assembled, costing a stream window
+instead of its size.
 
 Measured (``tests/transports/cell_bench.py``, 2 shared cores): a request/reply round trip costs
 about 60 µs over inproc (about 12 µs of it the transport), about 300 µs over tcp with both cells

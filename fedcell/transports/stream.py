@@ -71,8 +71,9 @@ Memory
     of 1 MiB or more reuse the memory of received arrays the application has dropped, up to
     the larger of ``max_inbound_bytes`` and the largest admitted message kept, which spares the
     page faults of fresh memory), plus one
-    chunk of scratch when chunks arrive compressed; a file costs the chunks in flight (at most a
-    window). A queued stream costs its header. Sender: the payload stays the caller's; compressed
+    chunk of scratch when chunks arrive compressed; a file, and a message whose arrays an
+    :class:`~fedcell.transports.array_sink.ArraySink` consumes as they arrive (``array_sink``
+    hook), cost the chunks in flight (at most a window). A queued stream costs its header. Sender: the payload stays the caller's; compressed
     chunks live until every peer has sent them; a file is read into a ring of chunk buffers,
     each reused once its chunk is acked, so about a window is in memory.
 Errors from the network
