@@ -323,6 +323,10 @@ def test_a_restarted_daemon_lists_old_jobs_and_marks_running_ones_crashed(
         start_new_session=True,
     )
     store.paths(running.job_id).pid_file.write_text(str(leftover.pid))
+    deadline = time.monotonic() + 30  # until exec: before it, the child shows pytest's cmdline
+    while running.job_id not in psutil.Process(leftover.pid).cmdline():
+        assert time.monotonic() < deadline, "the stand-in job process did not start"
+        time.sleep(0.01)
 
     async def main() -> list[JobInfo]:
         async with running_daemon(kits, tmp_path / "ws"), admin(kits) as session:
