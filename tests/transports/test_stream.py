@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import platform
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -459,3 +463,48 @@ def test_pooled_memory_of_a_size_that_does_not_come_back_is_evicted() -> None:
     # Assert
     assert pool.free_bytes == 0 and pool.reused == 0
     assert third.shape == (768 * KiB,) and fourth.flags.writeable
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    numbers = platform.release().split("-")[0].split(".")
+    return (int(numbers[0]), int(numbers[1])) >= (major, minor)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not _kernel_at_least(5, 14), reason="needs MADV_POPULATE_WRITE"
+)
+def test_fresh_pooled_memory_is_faulted_in_by_a_worker_before_any_write() -> None:
+    async def main() -> None:
+        # Prepare: a 64 MiB array that no dropped array can supply.
+        pool = ArrayPool(capacity=256 * 1024 * KiB)
+        spec = ArraySpec("numpy", "<f4", (16 * 1024 * KiB,), 0)
+        before = _resident_bytes()
+        # Execute: allocate it and write nothing; give the worker thread time.
+        array = pool.allocate(spec)
+        deadline = time.monotonic() + 10
+        while _resident_bytes() - before < 0.9 * spec.nbytes and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        grown = _resident_bytes() - before
+        # Assert: resident before the first write, and an ordinary writable array.
+        assert grown >= 0.9 * spec.nbytes
+        array[:] = 1.5
+        assert array.flags.writeable and bool(np.all(array == 1.5))
+
+    asyncio.run(main())
+
+
+def test_memory_allocated_off_an_event_loop_is_left_to_fault_in_on_first_write() -> None:
+    # Prepare / Execute: no running loop to host the worker.
+    pool = ArrayPool(capacity=256 * 1024 * KiB)
+    before = _resident_bytes()
+    array = pool.allocate(ArraySpec("numpy", "<f4", (16 * 1024 * KiB,), 0))
+    time.sleep(0.2)
+    # Assert: nothing was faulted in; writing works as usual.
+    assert _resident_bytes() - before < 8 * 1024 * KiB
+    array[:] = 2.0
+    assert bool(np.all(array == 2.0))
