@@ -316,27 +316,31 @@ def test_a_message_larger_than_the_budget_is_still_admitted_alone() -> None:
 def test_auto_codec_compresses_on_a_slow_link_and_learns_the_link_from_acks() -> None:
     async def main() -> None:
         # Prepare: the hint says 100 Mbit/s, so bf16-precision weights (half zeros) get
-        # compressed; the acks then measure the in-memory link, hundreds of MB/s, at which
-        # plain float32 weights (a few % compressible) are not worth compressing.
-        config = StreamConfig(chunk_size=256 * KiB, window=1024 * KiB,
+        # compressed; the acks then measure the in-memory link, hundreds of MB/s (the window
+        # holds the whole payload: a sender kept waiting for acks would, rightly, count the
+        # receiver's decompression on this same event loop as link time). Random bytes are
+        # sent raw whatever the link.
+        config = StreamConfig(chunk_size=256 * KiB, window=16 * 1024 * KiB,
                               link_throughput_hint=12.5e6)  # fmt: skip
         net = StreamNet()
         a = net.add("a", config)
         net.add("b", config)
-        weights = np.random.default_rng(4).standard_normal(2_000_000).astype(np.float32)
+        rng = np.random.default_rng(4)
+        weights = rng.standard_normal(2_000_000).astype(np.float32)
         bf16_precision = (weights.view(np.uint32) & 0xFFFF0000).view(np.float32)
+        noise = rng.integers(0, 256, 8_000_000, dtype=np.uint8)
         try:
             # Execute: the first stream goes by the hint, the second by the measured link.
             await a.send_message("b", Message.create("a", "b", "ch", bf16_precision))
             first_choices = a.statistics().codec_choices
             measured = a.link_throughput("b")
-            await a.send_message("b", Message.create("a", "b", "ch", weights))
+            await a.send_message("b", Message.create("a", "b", "ch", noise))
             received = [await net.next_delivery("b") for _ in range(2)]
         finally:
             await net.close()
         # Assert
         assert np.array_equal(received[0].payload, bf16_precision)
-        assert np.array_equal(received[1].payload, weights)
+        assert np.array_equal(received[1].payload, noise)
         assert set(first_choices) <= {"blosc2-lz4", "blosc2-zstd"}
         assert sum(first_choices.values()) == 1
         assert measured > 10 * config.link_throughput_hint
