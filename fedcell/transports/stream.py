@@ -111,10 +111,11 @@ noisier one. Figures in ``docs/benchmarks.md``.
     above it, one-piece messages cost twice their size on the receiver (frame + decoded copy)
     and escape admission control, so many sites sending at once could exhaust a server.
 ``max_inbound_bytes = 256 MiB``
-    A server folding N models of S bytes in time holds the aggregate plus what is assembling:
-    at most ``max(S, 256 MiB)`` here (a model above the budget is admitted alone), so
-    ``2·S + 256 MiB`` whatever N and S, the FedAvg memory budget. Several small models still
-    assemble at once.
+    A receiver assembling messages holds at most ``max(S, 256 MiB)`` of them (a model above the
+    budget is admitted alone); several small models still assemble at once. A FedAvg server
+    folds results as they stream in (array sinks, a window each) and sets a smaller budget
+    (``fedcell.engine.simulator.SERVER_INBOUND_BYTES``): its memory is the global model, the
+    aggregate and the windows in flight.
 ``link_throughput_hint = 125 MB/s``
     1 Gbit/s until the acks have measured the link: a first stream to a slow WAN peer is
     compressed if it pays, and the first stream over loopback may be compressed needlessly once
