@@ -373,7 +373,13 @@ class Dispatcher(abc.ABC):
                 elif r.site not in again:
                     dropped.append(replace(r, data=None))
             if len(again) < needed or not again:
-                results = [replace(r, data=None) for r in results if r.site in again]
+                # Too few left to ask again: what they sent went with the discarded aggregate.
+                lost = "its result went with the discarded aggregate; too few sites to ask again"
+                results = [
+                    replace(r, status="cancelled", data=None, error=r.error or lost)
+                    for r in results
+                    if r.site in again
+                ]
                 break
             logger.warning(
                 "task %r: the result streams of %s broke after part was folded; asking %s again",

@@ -44,14 +44,20 @@ def params_of(site: str, attempt: int) -> dict[str, np.ndarray]:
 
 class StreamingDispatcher(Dispatcher):
     """Sites whose ok results stream into ``fold`` in 400-byte chunks; ``breaks`` sites fail
-    after half their chunks (attempt 1 only), ``stalls`` sites stop half-way and wait."""
+    after half their chunks (attempt 1 only), ``stalls`` sites stop half-way and wait, ``slow``
+    sites take 20 ms per chunk instead of 1."""
 
     def __init__(
-        self, sites: Sequence[str], breaks: Sequence[str] = (), stalls: Sequence[str] = ()
+        self,
+        sites: Sequence[str],
+        breaks: Sequence[str] = (),
+        stalls: Sequence[str] = (),
+        slow: Sequence[str] = (),
     ):
         self._sites = tuple(sites)
         self.breaks = set(breaks)
         self.stalls = set(stalls)
+        self.slow = set(slow)
         self.calls = dict.fromkeys(self._sites, 0)
 
     @property
@@ -89,7 +95,7 @@ class StreamingDispatcher(Dispatcher):
                 adapter.write(offset, [raw[offset : offset + 400]])
             except StreamError as exc:  # the fold took no more: the cell cancels the stream
                 return TaskResult(site, task.name, "failed", error=str(exc))
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.02 if site in self.slow else 0.001)
         delivered = adapter.finish("digest").payload
         assert isinstance(delivered, TaskResult)
         return delivered
@@ -180,6 +186,17 @@ def test_a_restart_that_leaves_too_few_sites_fails_with_the_reason() -> None:
     assert dispatcher.calls == {"site-1": 1, "site-2": 1}
     statuses = {r.site: r.status for r in caught.value.results}
     assert statuses == {"site-2": "crashed", "site-1": "cancelled"}
+
+
+def test_results_folded_before_a_restart_that_cannot_happen_are_not_counted_ok() -> None:
+    # site-1 is folded whole before the slower site-2 breaks; 1 site is too few to ask again
+    dispatcher = StreamingDispatcher(["site-1", "site-2"], breaks=["site-2"], slow=["site-2"])
+    with pytest.raises(TooFewResultsError, match="0 of 2 sites answered ok") as caught:
+        run(dispatcher, WeightedMean(reference()), min_responses=2)
+    by_site = {r.site: r for r in caught.value.results}
+    assert by_site["site-1"].status == "cancelled"
+    assert "discarded aggregate" in str(by_site["site-1"].error)
+    assert dispatcher.calls == {"site-1": 1, "site-2": 1}
 
 
 def test_a_stream_cut_off_by_the_deadline_midway_restarts_without_the_slow_site() -> None:
