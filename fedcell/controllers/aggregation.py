@@ -68,7 +68,7 @@ from fedcell.errors import ProtocolError, StreamCancelledError
 from fedcell.fl_model import FLModel, ParamsType
 from fedcell.transports.array_sink import ArraySink
 from fedcell.transports.codec import ArraySpec
-from fedcell.transports.stream_receiver import ArrayPool
+from fedcell.transports.stream_receiver import POOLED_MIN_BYTES, ArrayPool
 
 __all__ = [
     "ADD_BLOCK_ELEMENTS",
@@ -211,9 +211,10 @@ class WeightedMean(StreamingFold):
     pool:
         Where accumulators get their memory (zeroed): an
         :class:`~fedcell.transports.stream_receiver.ArrayPool` that a run of rounds shares, so a
-        round's accumulator reuses the memory of a global model two rounds old instead of fresh
-        memory (whose first touch costs 0.5-2.6 s per GiB of page faults on the project's VM, a
-        large part of a 1 GiB round). Fresh zeroed memory when ``None``.
+        round's accumulator reuses the memory of a global model two rounds old (zeroed) instead
+        of fresh memory, whose first touch costs 0.5-2.6 s per GiB of page faults on the project's
+        VM (a fresh region from the pool is faulted in by a worker thread instead). Fresh zeroed
+        memory when ``None``.
     """
 
     def __init__(
@@ -429,8 +430,11 @@ class WeightedMean(StreamingFold):
             spec = ArraySpec("numpy", np.dtype(precision).str, tuple(reference.shape), 0)
         else:
             spec = ArraySpec("torch", precision, tuple(reference.shape), 0)
+        reused = self._pool.reused
         accumulator = self._pool.allocate(spec)
-        _flat_numpy(accumulator).fill(0)
+        if self._pool.reused != reused or spec.nbytes < POOLED_MIN_BYTES:
+            _flat_numpy(accumulator).fill(0)  # recycled or small (np.empty) memory
+        # else: a fresh anonymous region, zero already, faulted in by the pool's worker thread
         return accumulator
 
     def _precision_of(self, name: str) -> str:
