@@ -181,6 +181,30 @@ def test_template_job_runs_end_to_end(poc: Poc, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_hello_pytorch_example_runs_on_the_poc_as_written(poc: Poc, tmp_path: Path) -> None:
+    # Prepare: the README's example, submitted as its Python file (the same file simulate runs)
+    example = Path(__file__).resolve().parents[2] / "examples" / "hello-pytorch" / "job.py"
+
+    # Execute
+    job_id = submitted_id(job(poc, ["submit", str(example)]))
+    watched = job(poc, ["status", job_id, "--watch"])
+    downloaded = job(poc, ["download", job_id, "-o", str(tmp_path / "downloads")])
+
+    # Assert: five rounds at both sites, and the final model came back
+    assert watched.exit_code == 0, watched.output
+    assert downloaded.exit_code == 0, downloaded.output
+    record = status_of(poc, job_id)
+    assert record["name"] == "hello-pytorch" and record["state"] == "finished", record
+    assert record["sites"] == {"site-1": "finished", "site-2": "finished"}, record
+    results = tmp_path / "downloads" / job_id / "results"
+    result = json.loads((results / "result.json").read_text())
+    assert result["state"] == "finished"
+    assert (results / "train.pt").stat().st_size > 0
+    rounds = [line for line in (results / "metrics.csv").read_text().splitlines()[1:] if line]
+    assert len(rounds) == 5, rounds
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_same_job_finishes_in_every_config_format(poc: Poc, tmp_path: Path) -> None:
     # Prepare: fedavg-pytorch in yaml and toml (json: the test above; toml bound to site-2 only),
