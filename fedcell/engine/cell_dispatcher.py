@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from fedcell.engine.dispatcher import Dispatcher, StreamingFold, Task, TaskHandle, TaskResult
@@ -148,18 +149,25 @@ class _CellTaskHandle(TaskHandle):
     async def _gather(self) -> None:
         # One broadcast: the task (a large model too) is encoded, hashed and compressed once
         # whatever the number of sites; replies are handed over as each arrives and forgotten.
-        payload = {"job": self._job_id, "task": self.task}
         site_of = self._site_of
         replies = self._cell.broadcast_replies(
             list(site_of),
             TASK_CHANNEL,
-            payload,
+            {"job": self._job_id, "task": self.task},
             timeout=self.task.timeout or NO_DEADLINE,
             reply_sink=None if self._fold is None else self._reply_sink,
+            on_handed_over=self._handed_over,
         )
         async for cell_name, reply in replies:
             self.deliver(self._result(site_of[cell_name], reply))
             del reply  # hold no result while waiting for the next one
+
+    def _handed_over(self) -> None:
+        # The cell holds the encoded task until every site has it: this handle keeps only the
+        # task's name and deadline, and the fold's owner may let go of the data too.
+        self.task = replace(self.task, data=None)
+        if self._fold is not None:
+            self._fold.task_handed_over()
 
     def _reply_sink(self, cell_name: str, skeleton: Any) -> ArraySink | None:
         # Only an ok result of a target still waited for is folded while it streams in; any

@@ -173,6 +173,19 @@ class StreamingFold(abc.ABC):
     def reset(self) -> None:
         """Forget everything added and stop every open stream: the task is asked again."""
 
+    def task_handed_over(self) -> None:
+        """The dispatcher took what it still needs of the task's data (encoded for the wire;
+        its transport lets go of each array once every target has it): the caller may release
+        its own references, as long as :meth:`task_for_restart` can give the data back. Called
+        once per broadcast by implementations that encode the task; never by those that keep
+        using the data (in-memory dispatchers)."""
+
+    async def task_for_restart(self, task: Task) -> Task:
+        """The task to send again when :meth:`Dispatcher.broadcast_and_wait` restarts (after
+        :meth:`reset`); ``task`` itself by default. A caller that released the task's data after
+        :meth:`task_handed_over` gives it back here."""
+        return task
+
 
 class TaskHandle(abc.ABC):
     """Results of a dispatched task, yielded as they arrive; cancellable.
@@ -386,6 +399,7 @@ class Dispatcher(abc.ABC):
                 task.name, broken, list(again),
             )  # fmt: skip
             attempt = again
+            task = await streaming.task_for_restart(task)
         results = dropped + results
         ok_count = sum(r.ok for r in results)
         if ok_count < needed:

@@ -765,6 +765,7 @@ class Cell:
         timeout: float = 5.0,
         headers: Mapping[str, HeaderValue] | None = None,
         reply_sink: ReplySink | None = None,
+        on_handed_over: Callable[[], None] | None = None,
     ) -> AsyncGenerator[tuple[str, Any], None]:
         """Send one request to several cells; yield ``(target, reply or exception)`` as each
         reply arrives (unreachable targets first, timed-out ones last).
@@ -773,6 +774,10 @@ class Cell:
         so a consumer that folds each reply into an aggregate holds one reply at a time.
         ``reply_sink`` goes further: streamed replies are consumed piece by piece as they arrive
         (see :meth:`request`); once this generator is closed, no sink gets another byte.
+        ``on_handed_over`` is called once the payload went to every target's link or to the
+        background stream that sends it: from then on the cell holds the payload's arrays only
+        until each is sent (a streamed array: until every target acked its chunks), so the
+        caller may drop its own references while the replies are awaited.
 
         Raises
         ------
@@ -833,6 +838,13 @@ class Cell:
                     )
                 )
                 streaming.add_done_callback(functools.partial(_fail_streams, by_name))
+            del payload, tree, buffers, tree_frame  # the links and the stream hold what they send
+            if on_handed_over is not None:
+                if streaming is not None:
+                    # The stream task encodes the payload in its first step, before it first
+                    # waits: let it take that step before the caller lets go of the payload.
+                    await asyncio.sleep(0)
+                on_handed_over()
             for name, unreachable_error in unreachable:
                 yield name, unreachable_error
             deadline = loop.time() + timeout

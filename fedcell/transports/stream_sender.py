@@ -86,13 +86,22 @@ def _sample_offsets(size: int, nbytes: int) -> list[tuple[int, int]]:
     return [(start, piece) for start in sorted(starts)]
 
 
+_RELEASED = memoryview(b"")
+
+
 class PayloadSource:
-    """The raw buffers of an encoded message, read as zero-copy slices."""
+    """The raw buffers of an encoded message, read as zero-copy slices.
+
+    Each buffer is let go once every peer acked all of it, so a caller that dropped its own
+    references to the payload (a server that spilled the global model it broadcasts) gets each
+    array's memory back as the stream progresses, not when the slowest peer is done.
+    """
 
     def __init__(self, buffers: list[Buffer], itemsizes: list[int]) -> None:
         # Read-only views: the transport may send them without copying and without waiting
         # for their release (the caller keeps the payload unchanged until the stream is done).
         self._views = [memoryview(b).cast("B").toreadonly() for b in buffers]
+        self._released = 0  # buffers before this index were acked by every peer and let go
         self._itemsizes = itemsizes
         self._starts: list[int] = []
         total = 0
@@ -126,7 +135,13 @@ class PayloadSource:
         return self._itemsizes[self._index(offset)] if self._views else 1
 
     def release_through(self, acked: int) -> None:
-        """Nothing to do: the payload's memory is the caller's."""
+        views = self._views
+        while (
+            self._released < len(views)
+            and self._starts[self._released] + views[self._released].nbytes <= acked
+        ):
+            views[self._released] = _RELEASED
+            self._released += 1
 
     def samples(self, nbytes: int) -> list[tuple[Buffer, int]]:
         out: list[tuple[Buffer, int]] = []
