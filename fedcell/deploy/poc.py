@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Final
 import psutil
 import yaml
 
+from fedcell.engine.simulator import shared_cpu_environment
 from fedcell.errors import ConfigError, ConnectError
 
 if TYPE_CHECKING:
@@ -248,15 +249,14 @@ def processes(workspace: Path) -> list[PocProcess]:
         raise ConfigError(f"{state_file} is damaged ({exc}); remove it after stopping") from exc
 
 
-def _spawn(command: list[str], log: Path) -> psutil.Process:
-    """Start ``command`` detached (own session), output appended to ``log``."""
+def _spawn(command: list[str], log: Path, env: dict[str, str]) -> psutil.Process:
+    """Start ``command`` detached (own session) with ``env``, output appended to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
         (os.POSIX_SPAWN_DUP2, 1, 2),
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     pid = os.posix_spawn(command[0], command, env, file_actions=actions, setsid=True)
     return psutil.Process(pid)
 
@@ -291,10 +291,13 @@ async def start(workspace: Path, *, timeout: float = 60.0) -> list[SiteStatus]:
         raise ConfigError(f"the POC in {workspace} already runs ({', '.join(running)})")
     kits, logs = workspace / "kits", workspace / "logs"
     started: dict[str, psutil.Process] = {}
+    # The sites share this machine: each one's job processes get its share of the cores for
+    # their torch/OpenMP pools (left alone, every pool spins on all cores and starves the others).
+    env = {**shared_cpu_environment(len(names) - 1), **os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         for name in names:
             command = [sys.executable, "-m", "fedcell.deploy.participant", str(kits / name)]
-            started[name] = _spawn(command, logs / f"{name}.log")
+            started[name] = _spawn(command, logs / f"{name}.log", env)
             _write_state(workspace, started)
         return await _wait_for_sites(workspace, names[1:], started, timeout)
     except BaseException:

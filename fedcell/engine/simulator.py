@@ -187,6 +187,13 @@ def _threads_per_site(n_sites: int) -> int:
     return max(1, (os.cpu_count() or 1) // n_sites)
 
 
+def shared_cpu_environment(n_sites: int) -> dict[str, str]:
+    """The thread-pool variables that give each of ``n_sites`` site processes on this machine
+    its share of the cores (what :func:`simulate` and POC mode set where the user did not)."""
+    per_site = str(_threads_per_site(n_sites))
+    return {name: per_site for name in _THREAD_VARIABLES}
+
+
 @contextlib.contextmanager
 def _shared_cpus(n_sites: int) -> Iterator[None]:
     """Give each simulated site its share of the cores while the simulation runs.
@@ -197,14 +204,14 @@ def _shared_cpus(n_sites: int) -> Iterator[None]:
     thread-pool variables (unless the user set them); in-process sites share one torch pool,
     sized the same way and restored afterwards.
     """
-    per_site = str(_threads_per_site(n_sites))
+    shares = shared_cpu_environment(n_sites)
     saved_env = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
-    for name in _THREAD_VARIABLES:
-        os.environ.setdefault(name, per_site)
+    for name, share in shares.items():
+        os.environ.setdefault(name, share)
     torch = sys.modules.get("torch")
     saved_threads = torch.get_num_threads() if torch is not None else None
     if torch is not None and saved_env["OMP_NUM_THREADS"] is None:
-        torch.set_num_threads(int(per_site))
+        torch.set_num_threads(int(shares["OMP_NUM_THREADS"]))
     try:
         yield
     finally:
