@@ -34,6 +34,7 @@ project, organization (or ``None``) and curve key. Failures raise
 from __future__ import annotations
 
 import datetime
+import warnings
 from dataclasses import dataclass
 from typing import Final
 
@@ -41,6 +42,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 from zmq.utils import z85
 
@@ -228,8 +230,10 @@ def load_certificate(data: bytes, what: str) -> x509.Certificate:
         If ``data`` is not a PEM certificate (``what`` names it in the message).
     """
     try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError as exc:
+        with warnings.catch_warnings():  # an RFC 5280 violation cryptography only warns about
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            return x509.load_pem_x509_certificate(data)
+    except (ValueError, CryptographyDeprecationWarning) as exc:
         raise AuthenticationError(f"{what} is not a valid PEM certificate: {exc}") from exc
 
 

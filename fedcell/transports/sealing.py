@@ -88,6 +88,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -102,6 +103,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from fedcell.errors import ConfigError, ProtocolError, RemoteError, SealError
@@ -558,8 +560,8 @@ class Sealer:
         header = SealHeader.from_bytes(sealed.header)
         chunks = self._check_chunks(sealed.chunks, header)
         try:
-            sender_certificate = x509.load_der_x509_certificate(sealed.sender_certificate)
-        except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
+            sender_certificate = _load_der_certificate(sealed.sender_certificate)
+        except _UNPARSABLE as exc:
             raise SealError(f"sender certificate of a message from {sender!r} does not parse: "
                             f"{exc}") from exc
         self._check_certificate(sender_certificate, header.sender, "sender")
@@ -614,7 +616,7 @@ class Sealer:
                 certificate.verify_directly_issued_by(self._ca)
             except (ValueError, TypeError, InvalidSignature) as exc:
                 raise SealError(
-                    f"{role} certificate {certificate.subject.rfc4514_string()!r} is not issued "
+                    f"{role} certificate {_subject(certificate)!r} is not issued "
                     f"by the project CA ({str(exc) or type(exc).__name__})"
                 ) from exc
             self._verified[fingerprint] = certificate
@@ -1033,9 +1035,34 @@ class CertificateBook:
                 f"directory {self._directory!r} answered {type(der).__name__} for {cell_name!r}"
             )
         try:
-            return x509.load_der_x509_certificate(der)
-        except (ValueError, x509.InvalidVersion) as exc:
+            return _load_der_certificate(der)
+        except _UNPARSABLE as exc:
             raise SealError(
                 f"directory {self._directory!r} sent an unparsable certificate for "
                 f"{cell_name!r}: {exc}"
             ) from exc
+
+
+#: What parsing a certificate from the network raises (``InvalidVersion`` is no ``ValueError``).
+_UNPARSABLE = (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning)
+
+
+def _load_der_certificate(der: bytes) -> x509.Certificate:
+    """Parse a DER certificate from the network, refusing what cryptography only warns about.
+
+    cryptography still loads some certificates that break RFC 5280 (a serial number that is not
+    positive, for one) with a deprecation warning; from the network that is an error, raised as
+    the warning itself, and a flipped bit in a certificate's serial must not reach a log as a
+    warning (or fail a process that treats warnings as errors).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CryptographyDeprecationWarning)
+        return x509.load_der_x509_certificate(der)
+
+
+def _subject(certificate: x509.Certificate) -> str:
+    """The certificate's subject for a message; a tampered one may not even parse."""
+    try:
+        return certificate.subject.rfc4514_string()
+    except ValueError:
+        return "(unparsable subject)"

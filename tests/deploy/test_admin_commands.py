@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from deploy_helpers import project_tree, provision_tree, tampered, with_organizations
 
 from fedcell.deploy.commands import (
@@ -162,3 +165,20 @@ def test_an_admin_removed_from_the_project_is_refused_by_the_server(kits: Path) 
     with pytest.raises(AuthenticationError, match="'bob' is no longer trusted"):
         verify_command(server.ca_certificate, command, trusted=trusted)
     assert verify_command(server.ca_certificate, command).admin == "bob"  # the CA alone: no CRL
+
+
+def test_an_admin_certificate_breaking_rfc_5280_is_refused(kits: Path) -> None:
+    # Prepare: alice's command with her certificate's serial number made negative (cryptography
+    # parses such a certificate with only a deprecation warning)
+    alice = StartupKit.load(kits / "alice")
+    command = sign_command(alice, {"command": "list"})
+    certificate = x509.load_pem_x509_certificate(command.certificate)
+    serial = certificate.serial_number
+    content = serial.to_bytes((serial.bit_length() + 8) // 8, "big")  # DER INTEGER content
+    der = bytearray(certificate.public_bytes(serialization.Encoding.DER))
+    der[der.index(bytes([2, len(content)]) + content) + 2] |= 0x80
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(der))
+    forged = dataclasses.replace(command, certificate=pem + b"-----END CERTIFICATE-----\n")
+    # Execute / Assert
+    with pytest.raises(AuthenticationError, match=r"not a valid PEM certificate.*serial number"):
+        verify_command(alice.ca_certificate, forged)

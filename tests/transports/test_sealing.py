@@ -337,6 +337,23 @@ def test_certificates_are_checked_against_the_project_ca(project: dict[str, Any]
     del expired_key
 
 
+def test_a_sender_certificate_breaking_rfc_5280_is_refused_not_warned_about(
+    project: dict[str, Any],
+) -> None:
+    # Prepare: the sender's certificate with its serial number made negative (cryptography
+    # parses such a certificate with only a deprecation warning; found by the bit-flip fuzz test)
+    sealed = seal(sealer_for(project, "site-1"), project["site-2"][0], 1)
+    serial = x509.load_der_x509_certificate(sealed.sender_certificate).serial_number
+    content = serial.to_bytes((serial.bit_length() + 8) // 8, "big")  # DER INTEGER content
+    der = bytearray(sealed.sender_certificate)
+    at = der.index(bytes([2, len(content)]) + content) + 2
+    der[at] |= 0x80
+    tampered = dataclasses.replace(sealed, sender_certificate=bytes(der))
+    # Execute / Assert
+    with pytest.raises(SealError, match=r"sender certificate .* does not parse: .*serial number"):
+        open_as(sealer_for(project, "site-2"), tampered)
+
+
 def test_sealer_refuses_a_key_of_another_certificate(project: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="does not belong to the certificate"):
         Sealer(project["site-1"][0], project["site-2"][1], project["ca"][0])
