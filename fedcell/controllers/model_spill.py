@@ -11,13 +11,13 @@ memory (the run's :class:`~fedcell.transports.stream_receiver.ArrayPool` hands t
 region back when its last view dies). The model is read back only where its values are needed:
 a restarted round asks sites again, DIFF rounds add the mean diff to it, FedOpt steps from it.
 
-The file is the codec's own layout, never pickle: a fixed prefix (magic, tree length, frame
-count), the frame lengths, the packed value tree (:func:`~fedcell.transports.codec.encode`),
-then each array's raw bytes. It lives only as long as one run of the controller and is read
-only by the process that wrote it, so it is not fsynced (a write that must survive a crash is a
-checkpoint, :mod:`fedcell.engine.checkpoint`) and carries no digests; its sizes are checked on
-the way back. Reading uses plain ``readinto`` into fresh arrays, not ``mmap``: a mapping would
-keep the page cache's pages in the process's RSS.
+The file is a checkpoint file (:func:`~fedcell.engine.checkpoint.write_checkpoint`: the codec's
+tree and raw array bytes with digests, never pickle), written without fsync (``durable=False``):
+it lives only as long as one run of the controller and is read only by the process that wrote
+it (a write that must survive a crash is a checkpoint proper). Reading it back
+(:func:`~fedcell.engine.checkpoint.read_checkpoint`) checks every size and digest and uses
+plain ``readinto`` into fresh arrays, not ``mmap``: a mapping would keep the page cache's pages
+in the process's RSS.
 
 :func:`stand_ins` gives the aggregation what it needs of the model meanwhile: for each param a
 read-only array of the same library, dtype and shape whose every element is one shared zero
@@ -28,24 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedcell.errors import CheckpointError, EncodeError
-from fedcell.transports.codec import (
-    ArraySpec,
-    allocate_like,
-    decode,
-    encode,
-    pack_tree,
-    unpack_tree,
-    writable_bytes,
-)
+from fedcell.engine.checkpoint import read_checkpoint, write_checkpoint
+from fedcell.errors import CheckpointError
 
 __all__ = ["SPILL_MIN_BYTES", "ModelSpill", "model_nbytes", "stand_ins"]
 
@@ -55,10 +45,6 @@ __all__ = ["SPILL_MIN_BYTES", "ModelSpill", "model_nbytes", "stand_ins"]
 #: project's VM (the first write of a new file 2.4 s), so about 0.15 s for 256 MiB, and small
 #: models (the 10 ms rounds of a 10k-parameter MLP) must not touch the disk at all.
 SPILL_MIN_BYTES = 256 * 1024 * 1024
-
-_MAGIC = b"FCSPILL1"
-_PREFIX = struct.Struct("<8sQI")  # magic, tree length, frame count
-_LENGTH = struct.Struct("<Q")
 
 
 def model_nbytes(params: Mapping[str, Any]) -> int:
@@ -122,57 +108,20 @@ class ModelSpill:
 
     def _write(self, params: dict[str, Any]) -> None:
         try:
-            tree, buffers = encode(params)
-        except EncodeError as exc:
-            raise CheckpointError(f"cannot spill the global model to {self.path}: {exc}") from exc
-        tree_bytes = pack_tree(tree)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("wb") as fh:
-                fh.write(_PREFIX.pack(_MAGIC, len(tree_bytes), len(buffers)))
-                for buffer in buffers:
-                    fh.write(_LENGTH.pack(memoryview(buffer).nbytes))
-                fh.write(tree_bytes)
-                for buffer in buffers:
-                    fh.write(buffer)
-        except OSError as exc:
-            self.remove()
+            write_checkpoint(self.path, params, durable=False)
+        except CheckpointError as exc:
+            self.remove()  # the last round's file must not be read back as this one's
             raise CheckpointError(f"cannot spill the global model to {self.path}: {exc}") from exc
 
     def _read(self) -> dict[str, Any]:
         try:
-            with self.path.open("rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                magic, tree_length, count = _PREFIX.unpack(fh.read(_PREFIX.size))
-                if magic != _MAGIC:
-                    raise CheckpointError(f"{self.path} is not a spill file")
-                lengths = [_LENGTH.unpack(fh.read(_LENGTH.size))[0] for _ in range(count)]
-                expected = _PREFIX.size + _LENGTH.size * count + tree_length + sum(lengths)
-                if size != expected:
-                    raise CheckpointError(
-                        f"spill file {self.path} has {size} bytes, its header describes {expected}"
-                    )
-                tree = unpack_tree(fh.read(tree_length), max_tree_bytes=max(tree_length, 1))
-
-                def read_array(spec: ArraySpec) -> Any:
-                    if spec.frame >= count or spec.nbytes != lengths[spec.frame]:
-                        raise CheckpointError(f"spill file {self.path}: frame {spec.frame} is bad")
-                    array = allocate_like(spec)
-                    fh.seek(
-                        _PREFIX.size
-                        + _LENGTH.size * count
-                        + tree_length
-                        + sum(lengths[: spec.frame])
-                    )
-                    if fh.readinto(writable_bytes(array)) != spec.nbytes:
-                        raise CheckpointError(
-                            f"spill file {self.path}: frame {spec.frame} is short"
-                        )
-                    return array
-
-                params: dict[str, Any] = decode(tree, (), arrays=read_array)
-        except (OSError, struct.error) as exc:
+            params = read_checkpoint(self.path)
+        except OSError as exc:
             raise CheckpointError(
                 f"cannot read the spilled global model {self.path}: {exc}"
             ) from exc
+        except CheckpointError as exc:
+            raise CheckpointError(f"{self.path} is not a spill file of this run: {exc}") from exc
+        if not isinstance(params, dict):
+            raise CheckpointError(f"{self.path} is not a spill file of this run: no parameters")
         return params
