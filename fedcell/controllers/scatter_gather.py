@@ -308,16 +308,7 @@ class ScatterGather(Controller):
         try:
             for current_round in range(first_round, self.rounds):
                 started = time.perf_counter()
-                task = Task(
-                    self.train_task,
-                    FLModel(
-                        params=global_params,
-                        params_type=ParamsType.FULL,
-                        current_round=current_round,
-                        total_rounds=self.rounds,
-                    ),
-                    props=dict(self.task_props),
-                )
+                task = self._task(self.train_task, global_params, current_round)
                 # Results come from the dispatcher, decoded for us: fold the first one in place.
                 if spill is None:
                     mean = WeightedMean(global_params, self.weigh_by, adopt_results=True, pool=pool)
@@ -402,6 +393,19 @@ class ScatterGather(Controller):
                 f"{type(self).__name__} round {current_round}: {exc}", exc.results
             ) from exc
 
+    def _task(self, name: str, global_params: dict[str, Any], current_round: int) -> Task:
+        """The task ``name`` carrying the global model of ``current_round``."""
+        return Task(
+            name,
+            FLModel(
+                params=global_params,
+                params_type=ParamsType.FULL,
+                current_round=current_round,
+                total_rounds=self.rounds,
+            ),
+            props=dict(self.task_props),
+        )
+
     async def _validate_final(
         self,
         ctx: ControllerContext,
@@ -410,16 +414,7 @@ class ScatterGather(Controller):
         needed: int,
         last_round: int,
     ) -> dict[str, float]:
-        task = Task(
-            self.validate_task,
-            FLModel(
-                params=global_params,
-                params_type=ParamsType.FULL,
-                current_round=last_round,
-                total_rounds=self.rounds,
-            ),
-            props=dict(self.task_props),
-        )
+        task = self._task(self.validate_task, global_params, last_round)
         mean = WeightedMean(None, self.weigh_by)
         await self._gather(ctx, task, targets, needed, mean, last_round)
         return mean.metrics()
