@@ -8,8 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
-from daemon_helpers import CONFIG, FakeSite, job_folder, running_daemon, until
-from deploy_helpers import free_port, project_tree, provision_tree
+from daemon_helpers import (
+    CONFIG,
+    FakeSite,
+    admin,
+    job_folder,
+    provisioned_kits,
+    running_daemon,
+    until,
+)
 
 from fedcell.deploy.admin import AdminClient
 from fedcell.deploy.job_store import read_log_chunk
@@ -21,12 +28,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def kits(tmp_path: Path) -> Path:
-    provision_tree(project_tree(port=free_port()), tmp_path / "project")
-    return tmp_path / "project" / "kits"
-
-
-def admin(kits: Path) -> AdminClient:
-    return AdminClient(kits / "alice", timeout=30, config=CONFIG)
+    return provisioned_kits(tmp_path)
 
 
 def test_the_client_says_when_the_server_is_not_there_or_the_kit_is_not_an_admins(

@@ -18,8 +18,15 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from daemon_helpers import CONFIG, FakeSite, job_folder, running_daemon, until
-from deploy_helpers import free_port, project_tree, provision_tree
+from daemon_helpers import (
+    CONFIG,
+    FakeSite,
+    admin,
+    job_folder,
+    provisioned_kits,
+    running_daemon,
+    until,
+)
 
 from fedcell.deploy import protocol
 from fedcell.deploy.admin import AdminClient
@@ -36,12 +43,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def kits(tmp_path: Path) -> Path:
-    provision_tree(project_tree(port=free_port()), tmp_path / "project")
-    return tmp_path / "project" / "kits"
-
-
-def admin(kits: Path) -> AdminClient:
-    return AdminClient(kits / "alice", timeout=30, config=CONFIG)
+    return provisioned_kits(tmp_path)
 
 
 async def raw_request(cell: Cell, signed: Any, data: Any = None) -> Any:
