@@ -43,7 +43,7 @@ from __future__ import annotations
 import abc
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fedcell.errors import FedcellError, StreamError
@@ -51,8 +51,47 @@ from fedcell.transports import codec
 from fedcell.transports.base import Buffer
 from fedcell.transports.message import Envelope, Message
 
-__all__ = ["ArraySink", "ArraySinkAdapter", "skeleton"]
+__all__ = ["ArraySink", "ArraySinkAdapter", "Regions", "skeleton"]
 
+
+class Regions:
+    """A stream's raw bytes as consecutive regions (one per array): where an offset falls.
+
+    Parameters
+    ----------
+    sizes:
+        Each region's size in bytes, in stream order.
+    """
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        self.sizes = list(sizes)
+        self.starts: list[int] = []
+        total = 0
+        for size in self.sizes:
+            self.starts.append(total)
+            total += size
+
+    def locate(self, offset: int) -> tuple[int, int]:
+        """``(region, offset inside it)`` of the stream offset ``offset``."""
+        index = bisect.bisect_right(self.starts, offset) - 1
+        return index, offset - self.starts[index]
+
+    def split(
+        self, offset: int, pieces: Sequence[Buffer]
+    ) -> Iterator[tuple[int, int, memoryview]]:
+        """``pieces`` (consecutive bytes from ``offset``) cut at region boundaries, as
+        ``(region, offset inside it, bytes)``."""
+        index, _ = self.locate(offset)
+        for piece in pieces:
+            src = memoryview(piece).cast("B")
+            while src.nbytes:
+                while offset - self.starts[index] >= self.sizes[index]:
+                    index += 1
+                start = offset - self.starts[index]
+                take = min(src.nbytes, self.sizes[index] - start)
+                yield index, start, src[:take]
+                src = src[take:]
+                offset += take
 
 class ArraySink(abc.ABC):
     """Takes a streamed message's verified array bytes as they arrive (see the module docstring).
@@ -95,13 +134,8 @@ class ArraySinkAdapter:
     ) -> None:
         self._envelope = envelope
         self._sink = sink
-        self._sizes = [spec.nbytes for spec in specs]
         self._itemsizes = [spec.nbytes // max(1, math.prod(spec.shape)) or 1 for spec in specs]
-        self._starts: list[int] = []
-        total = 0
-        for size in self._sizes:
-            self._starts.append(total)
-            total += size
+        self._regions = Regions([spec.nbytes for spec in specs])
         self._carry = bytearray()  # the head of an element cut by the last chunk boundary
         self._done = False
 
@@ -110,17 +144,8 @@ class ArraySinkAdapter:
         return None
 
     def write(self, offset: int, pieces: Sequence[Buffer]) -> None:
-        index = bisect.bisect_right(self._starts, offset) - 1
-        for piece in pieces:
-            src = memoryview(piece).cast("B")
-            while src.nbytes:
-                while offset - self._starts[index] >= self._sizes[index]:
-                    index += 1
-                start = offset - self._starts[index]
-                take = min(src.nbytes, self._sizes[index] - start)
-                self._emit(index, start, src[:take])
-                src = src[take:]
-                offset += take
+        for index, start, data in self._regions.split(offset, pieces):
+            self._emit(index, start, data)
 
     def _emit(self, index: int, start: int, data: memoryview) -> None:
         itemsize = self._itemsizes[index]

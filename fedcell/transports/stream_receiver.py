@@ -26,7 +26,6 @@ and the endpoint discards the stream; nothing half-received is ever delivered.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import ctypes
 import errno
 import logging
@@ -49,7 +48,7 @@ import xxhash
 
 from fedcell.errors import ConfigError, FrameError, StreamError, StreamIntegrityError
 from fedcell.transports import codec, compression
-from fedcell.transports.array_sink import ArraySink, ArraySinkAdapter, skeleton
+from fedcell.transports.array_sink import ArraySink, ArraySinkAdapter, Regions, skeleton
 from fedcell.transports.base import Buffer
 from fedcell.transports.message import Envelope, Message, unpack_envelope
 from fedcell.transports.stream_protocol import Data, End, Open, StreamDigest, chunk_hash
@@ -314,33 +313,19 @@ class MessageSink:
         self._tree = tree
         self._arrays = [pool.allocate(spec) for spec in specs]
         self._views = [codec.writable_bytes(array) for array in self._arrays]
-        self._starts: list[int] = []
-        total = 0
-        for view in self._views:
-            self._starts.append(total)
-            total += view.nbytes
+        self._regions = Regions([view.nbytes for view in self._views])
 
     def target(self, offset: int, length: int) -> memoryview | None:
         """The destination bytes if ``[offset, offset+length)`` lies inside one array."""
-        index = bisect.bisect_right(self._starts, offset) - 1
-        start = offset - self._starts[index]
+        index, start = self._regions.locate(offset)
         view = self._views[index]
         if start + length <= view.nbytes:
             return view[start : start + length]
         return None
 
     def write(self, offset: int, pieces: Sequence[Buffer]) -> None:
-        index = bisect.bisect_right(self._starts, offset) - 1
-        for piece in pieces:
-            src = memoryview(piece).cast("B")
-            while src.nbytes:
-                while offset - self._starts[index] >= self._views[index].nbytes:
-                    index += 1
-                start = offset - self._starts[index]
-                take = min(src.nbytes, self._views[index].nbytes - start)
-                self._views[index][start : start + take] = src[:take]
-                src = src[take:]
-                offset += take
+        for index, start, data in self._regions.split(offset, pieces):
+            self._views[index][start : start + data.nbytes] = data
 
     def finish(self, digest: str) -> Message:
         arrays = self._arrays
