@@ -28,7 +28,7 @@ Tasks are pushed, and queued in the child until ``flare.receive()`` takes them, 
 stays open while the script trains. The host forwards tasks only after ``attach``.
 
 Liveness is the process itself: the host awaits the child's exit and reports it to the
-:class:`~fedcell.executors.script_protocol.ScriptExchange` (exit code or signal, plus the last
+:class:`~fedcell.executors.script_protocol.LoopExchange` (exit code or signal, plus the last
 lines of stderr), which turns awaited tasks into *crashed*. Cell heartbeats are relaxed on this
 link (a script busy in a long C call must not be declared gone while its process is alive).
 The child's stdout/stderr are read line by line into the site log. ``stop`` sends ``stop``,
@@ -74,7 +74,7 @@ from fedcell.executors.script_protocol import (
     ENV_CELL,
     ENV_TOKEN,
     ENV_URL,
-    ScriptExchange,
+    LoopExchange,
     ScriptFailure,
     ScriptLog,
     ScriptResult,
@@ -137,7 +137,7 @@ class ProcessScriptHost:
         self._site_info = site_info
         self._logger = logger
         self._label = f"script {script.name}"
-        self.exchange = ScriptExchange(self._label, logger)
+        self.exchange = LoopExchange(self._label, logger)
         self._token = secrets.token_urlsafe(32)
         self._folder: str | None = None
         self._cell: Cell | None = None
@@ -162,7 +162,9 @@ class ProcessScriptHost:
 
     def _authenticate(self, hello: Hello) -> str:
         token = hello.claims.get("token")
-        if not (isinstance(token, str) and hmac.compare_digest(token.encode(), self._token.encode())):
+        if not (
+            isinstance(token, str) and hmac.compare_digest(token.encode(), self._token.encode())
+        ):
             self._logger.warning(
                 "%s: refused a process at %s that presented a wrong token",
                 self._label,
@@ -170,7 +172,9 @@ class ProcessScriptHost:
             )
             raise AuthenticationError("wrong script token")
         if hello.name != SCRIPT_CELL:
-            raise AuthenticationError(f"a script must connect as {SCRIPT_CELL!r}, not {hello.name!r}")
+            raise AuthenticationError(
+                f"a script must connect as {SCRIPT_CELL!r}, not {hello.name!r}"
+            )
         return hello.name
 
     async def start(self) -> None:
@@ -248,13 +252,17 @@ class ProcessScriptHost:
     async def _on_result(self, message: Message) -> None:
         self._check_sender(message)
         if not isinstance(message.payload, ScriptResult):
-            raise ConfigError(f"a script result must be a ScriptResult, not {type(message.payload).__name__}")
+            raise ConfigError(
+                f"a script result must be a ScriptResult, not {type(message.payload).__name__}"
+            )
         self.exchange.submit(message.payload)
 
     async def _on_failed(self, message: Message) -> None:
         self._check_sender(message)
         if not isinstance(message.payload, ScriptFailure):
-            raise ConfigError(f"a failure report must be a ScriptFailure, not {type(message.payload).__name__}")
+            raise ConfigError(
+                f"a failure report must be a ScriptFailure, not {type(message.payload).__name__}"
+            )
         self.exchange.fail(message.payload.traceback)
 
     async def _on_log(self, message: Message) -> None:
@@ -337,7 +345,9 @@ class ProcessScriptHost:
             try:
                 await asyncio.wait_for(process.wait(), grace)
             except TimeoutError:
-                self._logger.warning("%s did not end within %s s; terminating it", self._label, grace)
+                self._logger.warning(
+                    "%s did not end within %s s; terminating it", self._label, grace
+                )
                 process.terminate()
                 try:
                     await asyncio.wait_for(process.wait(), 5.0)
@@ -415,7 +425,9 @@ class CellSession(ScriptSession):
             ) from exc
         self._cell = cell
         self._host = cell.parent or HOST_CELL
-        info = await cell.request(self._host, CHANNEL, None, topic="attach", timeout=CONTROL_TIMEOUT)
+        info = await cell.request(
+            self._host, CHANNEL, None, topic="attach", timeout=CONTROL_TIMEOUT
+        )
         if not isinstance(info, SiteInfo):
             raise ConfigError(f"the site answered attach with {type(info).__name__}, not SiteInfo")
         return info

@@ -17,10 +17,10 @@ Process-wide state a script expects is routed per thread instead (:class:`_Threa
 
 Threads the script starts itself are not routed (their output goes to the process's streams).
 
-The script talks to its executor through :class:`ThreadSession`, which calls the loop-side
-:class:`~fedcell.executors.script_protocol.ScriptExchange` with ``run_coroutine_threadsafe`` /
-``call_soon_threadsafe``: the event loop is never blocked by the script, and the script blocks
-only itself. What ``flare.receive()`` returns is the task's own model, not a copy: the site
+The script talks to its executor through :class:`ThreadSession`: it takes tasks from the
+:class:`~fedcell.executors.script_protocol.ThreadExchange`'s thread-safe queue itself and hands
+results, failures and log records to the loop with ``call_soon_threadsafe``: the event loop is
+never blocked by the script, and the script blocks only itself. What ``flare.receive()`` returns is the task's own model, not a copy: the site
 runtime decodes each site's payload separately, so the script may train on it in place. What
 ``flare.send`` hands over *is* copied (tensors and arrays), because the result is encoded and
 streamed after ``send`` returns while a script may go on training its live ``state_dict()``
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import concurrent.futures
 import contextlib
 import logging
 import sys
@@ -43,14 +42,13 @@ from typing import Any, SupportsIndex, TextIO
 
 import numpy as np
 
-from fedcell.errors import RequestTimeoutError
 from fedcell.executors.script_protocol import (
-    ScriptExchange,
     ScriptLog,
     ScriptResult,
     ScriptSession,
     ScriptTask,
     SiteInfo,
+    ThreadExchange,
     bind_thread_session,
     displayed_text,
     format_script_error,
@@ -90,7 +88,7 @@ class ThreadSession(ScriptSession):
     def __init__(
         self,
         site_info: SiteInfo,
-        exchange: ScriptExchange,
+        exchange: ThreadExchange,
         loop: asyncio.AbstractEventLoop,
         on_log: Callable[[ScriptLog], None],
     ) -> None:
@@ -100,17 +98,7 @@ class ThreadSession(ScriptSession):
         self._on_log = on_log
 
     def next_task(self, timeout: float | None = None) -> ScriptTask | None:
-        try:
-            future = asyncio.run_coroutine_threadsafe(self._exchange.next_task(), self._loop)
-        except RuntimeError:  # the site's loop is closed: the job is over
-            return None
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise RequestTimeoutError(f"no task arrived within {timeout} s") from None
-        except concurrent.futures.CancelledError:
-            return None
+        return self._exchange.take(timeout)
 
     def submit(self, result: ScriptResult) -> None:
         model = _private_model(result.model)
@@ -308,7 +296,7 @@ class ThreadScriptHost:
         self._label = f"script {script.name}"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended: asyncio.Future[None] | None = None
-        self.exchange = ScriptExchange(self._label, logger)
+        self.exchange = ThreadExchange(self._label, logger)
 
     async def start(self) -> None:
         """Start the script's thread."""

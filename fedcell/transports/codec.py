@@ -118,7 +118,10 @@ _NUMPY_VIEWABLE = frozenset(
 
 
 def _torch_bytes(tensor: Any, dtype: str) -> memoryview:
-    t = tensor.detach()
+    # Every ATen op (detach, reshape, clone...) releases and retakes the GIL: where other
+    # threads wait for it (training scripts on threads in the simulator) each such call costs a
+    # hand-over, so the hot path for CPU tensors numpy can view makes none.
+    t = tensor.detach() if tensor.requires_grad else tensor
     if t.device.type != "cpu":
         t = t.cpu()
     if dtype in _NUMPY_VIEWABLE:
@@ -357,11 +360,15 @@ def _array_from_frame(spec: ArraySpec, frame: Buffer) -> Any:
         out = np.empty(spec.shape, dtype=np.dtype(spec.dtype))
         fill(out, 0, view)
         return out
-    # One copy into a fresh buffer, then a zero-copy tensor over it (fewer torch calls than
-    # allocating a tensor and filling its byte view).
+    # One copy into a fresh buffer, then a zero-copy tensor over it. Dtypes numpy knows are
+    # shaped by numpy and wrapped by ``from_numpy``: no ATen op, so the GIL is not handed over
+    # (see _torch_bytes); bfloat16 and float8 take torch's own calls.
     torch = _torch()
     if view.nbytes == 0:
         return torch.empty(spec.shape, dtype=_torch_dtype(spec.dtype))
+    if spec.dtype in _NUMPY_VIEWABLE:
+        array = np.frombuffer(bytearray(view), dtype=np.dtype(spec.dtype)).reshape(spec.shape)
+        return torch.from_numpy(array)
     return torch.frombuffer(bytearray(view), dtype=_torch_dtype(spec.dtype)).reshape(spec.shape)
 
 
