@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 from fedcell.engine.cell_dispatcher import JOB_END_CHANNEL, CellDispatcher
 from fedcell.engine.checkpoint import CheckpointStore
+from fedcell.engine.gil_turns import turn_taking_loop
 from fedcell.engine.job import Job
 from fedcell.engine.job_runner import JobResult, JobRunner
 from fedcell.engine.memory import keep_large_allocations_returnable
@@ -133,17 +134,19 @@ def simulate(
     ConfigError
         If the job is invalid for the sites, or the arguments are.
     """
-    return asyncio.run(
-        run_simulation(
-            job,
-            n_clients,
-            sites=sites,
-            mode=mode,
-            workspace=workspace,
-            progress=progress,
-            transport=transport,
+    # threads mode: the loop takes turns with the sites' script threads (see gil_turns)
+    with asyncio.Runner(loop_factory=turn_taking_loop if mode == "threads" else None) as runner:
+        return runner.run(
+            run_simulation(
+                job,
+                n_clients,
+                sites=sites,
+                mode=mode,
+                workspace=workspace,
+                progress=progress,
+                transport=transport,
+            )
         )
-    )
 
 
 async def run_simulation(

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcell.engine.dispatcher import Task
+from fedcell.engine.gil_turns import SCRIPT_TURN
 from fedcell.errors import ConfigError, RequestTimeoutError, SiteCrashedError, TaskFailedError
 from fedcell.fl_model import FLModel
 from fedcell.transports.codec import wire_type
@@ -335,7 +336,9 @@ class LoopExchange(ScriptExchange):
 
 class ThreadExchange(ScriptExchange):
     """The exchange whose tasks the script's own thread takes (thread mode), without a call
-    into the event loop."""
+    into the event loop. The script's thread holds
+    :data:`~fedcell.engine.gil_turns.SCRIPT_TURN` from a task's arrival until it asks for
+    the next one."""
 
     def __init__(self, script_label: str, logger: logging.Logger) -> None:
         super().__init__(script_label, logger)
@@ -353,6 +356,7 @@ class ThreadExchange(ScriptExchange):
         RequestTimeoutError
             If no task came within ``timeout`` seconds.
         """
+        SCRIPT_TURN.give_back()  # while waiting; a task comes with the turn (see gil_turns)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -364,4 +368,5 @@ class ThreadExchange(ScriptExchange):
                 self._queue.put(None)  # every later call sees the end too
                 return None
             if self.awaits(item.task_id):
+                SCRIPT_TURN.take()
                 return item

@@ -41,6 +41,7 @@ from fedcell.transports.base import Buffer
 
 __all__ = [
     "DEFAULT_MAX_TREE_BYTES",
+    "NUMPY_VIEWABLE",
     "ArraySpec",
     "allocate_like",
     "array_specs",
@@ -110,8 +111,8 @@ def _is_torch_tensor(obj: object) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-#: torch dtypes numpy can view directly (bf16 and float8 need a byte view).
-_NUMPY_VIEWABLE = frozenset(
+#: torch dtype names numpy can view directly (bf16 and float8 need a byte view).
+NUMPY_VIEWABLE = frozenset(
     ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64",
      "complex64", "complex128")
 )  # fmt: skip
@@ -124,7 +125,7 @@ def _torch_bytes(tensor: Any, dtype: str) -> memoryview:
     t = tensor.detach() if tensor.requires_grad else tensor
     if t.device.type != "cpu":
         t = t.cpu()
-    if dtype in _NUMPY_VIEWABLE:
+    if dtype in NUMPY_VIEWABLE:
         # Fewest torch calls on the hot path (small models: per-call overhead dominates).
         flat = np.ascontiguousarray(t.numpy()).reshape(-1)
         return _byte_view(flat) if flat.size else memoryview(b"")
@@ -366,7 +367,7 @@ def _array_from_frame(spec: ArraySpec, frame: Buffer) -> Any:
     torch = _torch()
     if view.nbytes == 0:
         return torch.empty(spec.shape, dtype=_torch_dtype(spec.dtype))
-    if spec.dtype in _NUMPY_VIEWABLE:
+    if spec.dtype in NUMPY_VIEWABLE:
         array = np.frombuffer(bytearray(view), dtype=np.dtype(spec.dtype)).reshape(spec.shape)
         return torch.from_numpy(array)
     return torch.frombuffer(bytearray(view), dtype=_torch_dtype(spec.dtype)).reshape(spec.shape)
@@ -376,6 +377,8 @@ def allocate_like(spec: ArraySpec) -> Any:
     """An uninitialized, writable array (numpy) or tensor (torch) matching ``spec``."""
     if spec.library == "numpy":
         return np.empty(spec.shape, dtype=np.dtype(spec.dtype))
+    if spec.dtype in NUMPY_VIEWABLE:  # no ATen op: see _torch_bytes
+        return _torch().from_numpy(np.empty(spec.shape, dtype=np.dtype(spec.dtype)))
     return _torch().empty(spec.shape, dtype=_torch_dtype(spec.dtype))
 
 
