@@ -93,11 +93,8 @@ def test_scripts_that_wait_for_each_other_within_a_step_do_not_deadlock(tmp_path
     job.add_file(tmp_path / "meet.py")
     job.add_file(tmp_path / "rendezvous.py")
     # Execute
-    started = time.monotonic()
     result = job.simulate(2, workspace=tmp_path / "run")
-    elapsed = time.monotonic() - started
-    # Assert
+    # Assert: a step stuck behind the other's turn would break the barrier (10 s) and fail
     assert result.ok, result.job.reason
     assert result.job.output("train").params["w"].tolist() == [3.0]
-    assert elapsed < 8.0  # three rounds, each held up by one slice at most, not a 10 s timeout
     assert SCRIPT_TURN.holder is None  # every script thread gave the turn back
