@@ -141,6 +141,32 @@ def _torch() -> Any:
     return torch
 
 
+class _Misfit(Exception):
+    """A value the wire does not carry; ``path`` collects the way to it, innermost first, as
+    the walk unwinds (paths cost nothing while nothing is wrong)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path: list[str] = []
+
+
+_init_field_names: dict[type, tuple[str, ...]] = {}
+
+
+def _init_fields(cls: type) -> tuple[str, ...]:
+    """The ``__init__`` fields of a wire dataclass (cached: looked up on every message)."""
+    names = _init_field_names.get(cls)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+        _init_field_names[cls] = names
+    return names
+
+
+#: Types returned as they are (exact types: subclasses take the general path below).
+_PLAIN_TYPES = frozenset((type(None), bool, str, bytes, float))
+
+
 class _Encoder:
     def __init__(self) -> None:
         self.buffers: list[Buffer] = []
@@ -149,58 +175,94 @@ class _Encoder:
         self.buffers.append(buf)
         return len(self.buffers) - 1
 
-    def walk(self, obj: Any, path: str) -> Any:
-        if obj is None or isinstance(obj, (bool, str, bytes, float)):
+    def walk(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind in _PLAIN_TYPES:
             return obj
-        if isinstance(obj, int):
-            if not -(2**63) <= obj < 2**64:
-                raise EncodeError(f"{path}: integer {obj} does not fit in 64 bits")
-            return int(obj)
-        if isinstance(obj, (bytearray, memoryview)):
-            return bytes(obj)
-        if isinstance(obj, list):
-            return [self.walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]
-        if isinstance(obj, dict):
-            out = {}
-            for k, v in obj.items():
-                if not isinstance(k, (str, int)) or isinstance(k, bool):
-                    raise EncodeError(f"{path}: dict key {k!r} is {type(k).__name__}, not str/int")
-                out[k] = self.walk(v, f"{path}[{k!r}]")
-            return out
-        if isinstance(obj, tuple):
-            items = [self.walk(v, f"{path}[{i}]") for i, v in enumerate(obj)]
-            return msgpack.ExtType(_EXT_TUPLE, _packb(items))
-        if isinstance(obj, np.ndarray):
-            return self._ndarray(obj, path)
-        if isinstance(obj, np.generic):
-            return self.walk(obj.item(), path)
+        if kind is dict:
+            return self._dict(obj)
+        if kind is list:
+            return self._items(obj)
+        if kind is int:
+            return self._int(obj)
+        if kind is np.ndarray:
+            return self._ndarray(obj)
+        return self._general(obj)
+
+    def _general(self, obj: Any) -> Any:
+        wire_name = _wire_names.get(type(obj))
+        if wire_name is not None:
+            fields = {}
+            for name in _init_fields(type(obj)):
+                try:
+                    fields[name] = self.walk(getattr(obj, name))
+                except _Misfit as exc:
+                    exc.path.append(f".{name}")
+                    raise
+            return msgpack.ExtType(_EXT_DATACLASS, _packb([wire_name, fields]))
         if _is_torch_tensor(obj):
             dtype = str(obj.dtype).removeprefix("torch.")
             if dtype not in _TORCH_DTYPES:
-                raise EncodeError(f"{path}: torch dtype {dtype} is not supported on the wire")
+                raise _Misfit(f"torch dtype {dtype} is not supported on the wire")
             index = self._frame(_torch_bytes(obj, dtype))
             return msgpack.ExtType(_EXT_TORCH, _packb([dtype, list(obj.shape), index]))
-        wire_name = _wire_names.get(type(obj))
-        if wire_name is not None:
-            fields = {
-                f.name: self.walk(getattr(obj, f.name), f"{path}.{f.name}")
-                for f in dataclasses.fields(obj)
-                if f.init
-            }
-            return msgpack.ExtType(_EXT_DATACLASS, _packb([wire_name, fields]))
-        raise EncodeError(
-            f"{path}: cannot send a {type(obj).__module__}.{type(obj).__qualname__}; supported: "
+        if obj is None or isinstance(obj, (bool, str, bytes, float)):
+            return obj
+        if isinstance(obj, int):
+            return self._int(obj)
+        if isinstance(obj, (bytearray, memoryview)):
+            return bytes(obj)
+        if isinstance(obj, list):
+            return self._items(obj)
+        if isinstance(obj, dict):
+            return self._dict(obj)
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(_EXT_TUPLE, _packb(self._items(obj)))
+        if isinstance(obj, np.ndarray):
+            return self._ndarray(obj)
+        if isinstance(obj, np.generic):
+            return self.walk(obj.item())
+        raise _Misfit(
+            f"cannot send a {type(obj).__module__}.{type(obj).__qualname__}; supported: "
             "None, bool, int, float, str, bytes, list, tuple, dict, numpy arrays, torch tensors "
             "and @wire_type dataclasses"
         )
 
-    def _ndarray(self, arr: np.ndarray, path: str) -> msgpack.ExtType:
+    @staticmethod
+    def _int(obj: int) -> int:
+        if not -(2**63) <= obj < 2**64:
+            raise _Misfit(f"integer {obj} does not fit in 64 bits")
+        return int(obj)
+
+    def _items(self, items: list[Any] | tuple[Any, ...]) -> list[Any]:
+        out = []
+        for i, v in enumerate(items):
+            try:
+                out.append(self.walk(v))
+            except _Misfit as exc:
+                exc.path.append(f"[{i}]")
+                raise
+        return out
+
+    def _dict(self, obj: dict[Any, Any]) -> dict[Any, Any]:
+        out = {}
+        for k, v in obj.items():
+            if type(k) is not str and (not isinstance(k, (str, int)) or isinstance(k, bool)):
+                raise _Misfit(f"dict key {k!r} is {type(k).__name__}, not str/int")
+            try:
+                out[k] = self.walk(v)
+            except _Misfit as exc:
+                exc.path.append(f"[{k!r}]")
+                raise
+        return out
+
+    def _ndarray(self, arr: np.ndarray) -> msgpack.ExtType:
         if arr.dtype.str not in _NUMPY_DTYPES:
             native = arr.dtype.newbyteorder("=")
             if arr.dtype.kind in "biufc" and native.str in _NUMPY_DTYPES:
                 arr = arr.astype(native)
             else:
-                raise EncodeError(f"{path}: numpy dtype {arr.dtype} is not supported on the wire")
+                raise _Misfit(f"numpy dtype {arr.dtype} is not supported on the wire")
         shape = list(arr.shape)  # before ascontiguousarray, which turns 0-d into 1-d
         flat = np.ascontiguousarray(arr).reshape(-1)
         index = self._frame(_byte_view(flat) if flat.size else memoryview(b""))
@@ -224,7 +286,11 @@ def encode(value: Any) -> tuple[Any, list[Buffer]]:
         If ``value`` holds a type the wire does not carry.
     """
     encoder = _Encoder()
-    return encoder.walk(value, "payload"), encoder.buffers
+    try:
+        return encoder.walk(value), encoder.buffers
+    except _Misfit as exc:
+        path = "payload" + "".join(reversed(exc.path))
+        raise EncodeError(f"{path}: {exc.message}") from None
 
 
 def pack_tree(tree: Any) -> bytes:
@@ -339,8 +405,7 @@ class _Decoder:
         cls = _wire_types.get(name) if isinstance(name, str) else None
         if cls is None:
             raise FrameError(f"unknown wire type {name!r} (not registered with @wire_type)")
-        allowed = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = set(raw_fields) - allowed
+        unknown = set(raw_fields).difference(_init_fields(cls))
         if unknown:
             raise FrameError(f"wire type {name} has no field(s) {sorted(map(str, unknown))}")
         fields = {k: self.walk(v, depth + 1) for k, v in raw_fields.items()}
