@@ -5,9 +5,7 @@ results arrive (``Dispatcher.broadcast_and_wait(..., fold=mean)``), and each res
 dropped once folded. It is a :class:`~fedcell.engine.dispatcher.StreamingFold`: a result that
 arrives as a stream is folded chunk by chunk while it streams in and never exists whole on the
 server. Memory is the accumulator (one model at accumulator precision) whatever the number of
-sites. Small results (up to :data:`DEFERRED_FOLD_BYTES` of params pending) are checked as they
-arrive and added in one batch when the mean is read, which keeps the simulator's event loop from
-handing the GIL to script threads at every array; larger ones are added at once.
+sites.
 
 Rules, which follow NVIDIA FLARE's weighted aggregation:
 
@@ -103,12 +101,6 @@ def _is_array(value: object) -> bool:
     return isinstance(value, np.ndarray) or is_tensor(value)
 
 
-def _nbytes(array: Any) -> int:
-    return (
-        int(array.nbytes) if isinstance(array, np.ndarray) else array.numel() * array.element_size()
-    )
-
-
 def _float_dtype_name(value: Any) -> str:
     if isinstance(value, ArraySpec) and value.library == "numpy":
         return np.dtype(value.dtype).name  # specs name numpy dtypes by their code ("<f4")
@@ -123,14 +115,6 @@ def zeros_like(value: Any, dtype_name: str) -> Any:
 
     return torch.zeros(value.shape, dtype=getattr(torch, dtype_name))
 
-
-#: Whole results are added to the accumulators in batches of up to this many bytes of params:
-#: a result is checked when it arrives, and its arrays are added once the pending ones pass this
-#: size or the mean is read. Adding each as it arrived made the simulator's event loop hand the
-#: GIL to a site's script thread at every array (torch ``add_`` releases it): 78 us per array,
-#: 2.5 ms of an 8-site round of a 4-array model, against about 2 us each at the round's end, when
-#: every script waits for its next task. Large models, streamed or not, are still added at once.
-DEFERRED_FOLD_BYTES = 4 << 20
 
 #: numpy has no fused ``a += w * x``: it is done in blocks of this many elements, so the
 #: temporary ``w * x`` costs 8 MiB at most instead of a whole parameter.
@@ -183,9 +167,7 @@ def _in_library_of(value: Any, reference: Any) -> Any:
     if isinstance(reference, np.ndarray):
         if isinstance(value, np.ndarray):
             return value
-        tensor = (
-            value.detach().cpu() if value.requires_grad or value.device.type != "cpu" else value
-        )
+        tensor = value.detach().cpu()
         if _float_dtype_name(tensor) in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
             tensor = tensor.float()  # numpy has no such dtypes
         return tensor.numpy()
@@ -193,9 +175,7 @@ def _in_library_of(value: Any, reference: Any) -> Any:
         import torch
 
         return torch.from_numpy(np.ascontiguousarray(value))
-    if value.requires_grad or value.device.type != "cpu":
-        return value.detach().cpu()
-    return value  # no ATen call where none is needed (each hands the GIL over)
+    return value.detach().cpu()
 
 
 def _is_number(value: object) -> bool:
@@ -260,8 +240,6 @@ class WeightedMean(StreamingFold):
         self.count = 0
         self._finalized: str | None = None  # "mean" or "update": the accumulators' content
         self._streams: dict[str, _FoldingStream] = {}
-        self._pending: list[tuple[dict[str, Any], float]] = []  # checked, not added yet
-        self._pending_bytes = 0
 
     def fold(self, result: TaskResult) -> None:
         """Add an ok result's FLModel (the ``fold`` of ``broadcast_and_wait``); a result that
@@ -335,8 +313,6 @@ class WeightedMean(StreamingFold):
         for stream in self._streams.values():
             stream.close("discarded")
         self._streams.clear()
-        self._pending.clear()
-        self._pending_bytes = 0
         self._sums.clear()
         self._weights.clear()
         self._metric_sums.clear()
@@ -394,29 +370,19 @@ class WeightedMean(StreamingFold):
                 for name, value in self._checked_params(model, site).items()
             }
         weight = self._checked_model(model, site)
+        for name, value in params.items():
+            if name not in self._sums:
+                self._weights[name] = weight
+                adopted = self._adopt(name, value, weight)
+                if adopted is not None:
+                    self._sums[name] = adopted
+                    continue
+                self._sums[name] = self._zeros(name)
+                self._weights[name] = 0.0
+            add_into(self._sums[name], value, weight)
+            self._weights[name] += weight
         self._add_metrics(model.metrics or {}, weight)
         self.count += 1
-        if params:
-            self._pending.append((params, weight))
-            self._pending_bytes += sum(_nbytes(value) for value in params.values())
-            if self._pending_bytes > DEFERRED_FOLD_BYTES:
-                self._add_pending()
-
-    def _add_pending(self) -> None:
-        """Add the checked results not added yet (see :data:`DEFERRED_FOLD_BYTES`)."""
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        for params, weight in pending:
-            for name, value in params.items():
-                if name not in self._sums:
-                    self._weights[name] = weight
-                    adopted = self._adopt(name, value, weight)
-                    if adopted is not None:
-                        self._sums[name] = adopted
-                        continue
-                    self._sums[name] = self._zeros(name)
-                    self._weights[name] = 0.0
-                add_into(self._sums[name], value, weight)
-                self._weights[name] += weight
 
     def _adopt(self, name: str, value: Any, weight: float) -> Any | None:
         """Use a key's first result as its accumulator (scaled in place) instead of allocating
@@ -510,7 +476,6 @@ class WeightedMean(StreamingFold):
         if self._finalized == "update":
             raise RuntimeError("WeightedMean.mean after update(): the accumulators hold the step")
         if self._finalized is None:
-            self._add_pending()
             for name, total in self._sums.items():
                 total /= self._weights[name]
             self._finalized = "mean"

@@ -41,7 +41,6 @@ import asyncio
 import selectors
 import threading
 import time
-from typing import Any
 
 __all__ = ["SCRIPT_TURN", "Turn", "turn_taking_loop"]
 
@@ -51,7 +50,7 @@ TURN_SLICE_S = 0.01
 
 
 class Turn:
-    """A time-sliced, reentrant-free turn among threads (see the module docstring)."""
+    """A time-sliced turn among threads (see the module docstring)."""
 
     def __init__(self, slice_s: float = TURN_SLICE_S) -> None:
         self.slice_s = slice_s
@@ -107,7 +106,7 @@ class _TurnTakingSelector(selectors.DefaultSelector):
         super().close()
 
 
-def turn_taking_loop() -> Any:
+def turn_taking_loop() -> asyncio.AbstractEventLoop:
     """A new event loop that takes turns with script threads (a ``loop_factory`` for
     :class:`asyncio.Runner`)."""
     return asyncio.SelectorEventLoop(_TurnTakingSelector())

@@ -55,7 +55,6 @@ from fedcell.executors.script_protocol import (
     format_script_error,
 )
 from fedcell.fl_model import FLModel
-from fedcell.transports.codec import NUMPY_VIEWABLE
 
 __all__ = ["ThreadScriptHost", "ThreadSession"]
 
@@ -72,14 +71,6 @@ def _private_copy(value: Any) -> Any:
         return value.copy()
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
-        if (
-            value.device.type == "cpu"
-            and not value.requires_grad
-            and str(value.dtype)[6:] in NUMPY_VIEWABLE
-        ):
-            # one call instead of detach + clone: each ATen call hands the GIL over to the other
-            # sites' script threads in the simulator
-            return torch.from_numpy(value.numpy().copy())
         return value.detach().clone()
     return value
 

@@ -41,7 +41,6 @@ from fedcell.transports.base import Buffer
 
 __all__ = [
     "DEFAULT_MAX_TREE_BYTES",
-    "NUMPY_VIEWABLE",
     "ArraySpec",
     "allocate_like",
     "array_specs",
@@ -111,21 +110,18 @@ def _is_torch_tensor(obj: object) -> bool:
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
-#: torch dtype names numpy can view directly (bf16 and float8 need a byte view).
-NUMPY_VIEWABLE = frozenset(
+#: torch dtypes numpy can view directly (bf16 and float8 need a byte view).
+_NUMPY_VIEWABLE = frozenset(
     ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64",
      "complex64", "complex128")
 )  # fmt: skip
 
 
 def _torch_bytes(tensor: Any, dtype: str) -> memoryview:
-    # Every ATen op (detach, reshape, clone...) releases and retakes the GIL: where other
-    # threads wait for it (training scripts on threads in the simulator) each such call costs a
-    # hand-over, so the hot path for CPU tensors numpy can view makes none.
-    t = tensor.detach() if tensor.requires_grad else tensor
+    t = tensor.detach() if tensor.requires_grad else tensor  # no ATen call when not needed
     if t.device.type != "cpu":
         t = t.cpu()
-    if dtype in NUMPY_VIEWABLE:
+    if dtype in _NUMPY_VIEWABLE:
         # Fewest torch calls on the hot path (small models: per-call overhead dominates).
         flat = np.ascontiguousarray(t.numpy()).reshape(-1)
         return _byte_view(flat) if flat.size else memoryview(b"")
@@ -427,12 +423,12 @@ def _array_from_frame(spec: ArraySpec, frame: Buffer) -> Any:
         fill(out, 0, view)
         return out
     # One copy into a fresh buffer, then a zero-copy tensor over it. Dtypes numpy knows are
-    # shaped by numpy and wrapped by ``from_numpy``: no ATen op, so the GIL is not handed over
-    # (see _torch_bytes); bfloat16 and float8 take torch's own calls.
+    # shaped by numpy and wrapped by ``from_numpy`` (2.4 us per array, against 3.6 us for
+    # torch.frombuffer + reshape); bfloat16 and float8 take torch's own calls.
     torch = _torch()
     if view.nbytes == 0:
         return torch.empty(spec.shape, dtype=_torch_dtype(spec.dtype))
-    if spec.dtype in NUMPY_VIEWABLE:
+    if spec.dtype in _NUMPY_VIEWABLE:
         array = np.frombuffer(bytearray(view), dtype=np.dtype(spec.dtype)).reshape(spec.shape)
         return torch.from_numpy(array)
     return torch.frombuffer(bytearray(view), dtype=_torch_dtype(spec.dtype)).reshape(spec.shape)
@@ -442,8 +438,6 @@ def allocate_like(spec: ArraySpec) -> Any:
     """An uninitialized, writable array (numpy) or tensor (torch) matching ``spec``."""
     if spec.library == "numpy":
         return np.empty(spec.shape, dtype=np.dtype(spec.dtype))
-    if spec.dtype in NUMPY_VIEWABLE:  # no ATen op: see _torch_bytes
-        return _torch().from_numpy(np.empty(spec.shape, dtype=np.dtype(spec.dtype)))
     return _torch().empty(spec.shape, dtype=_torch_dtype(spec.dtype))
 
 

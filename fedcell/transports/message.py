@@ -17,8 +17,6 @@ raises :class:`~fedcell.errors.FrameError` naming the bad one.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -50,31 +48,9 @@ _KINDS = frozenset(get_args(MessageKind))
 HeaderValue = str | int | float | bool | None
 
 
-class _IdSource:
-    """Unpredictable 128-bit ids without a system call each: a keyed BLAKE2b of a counter, the
-    key drawn from ``os.urandom`` once per process (and again in a forked child, whose counter
-    would otherwise repeat its parent's ids). ``os.urandom`` per id cost a GIL hand-over per
-    message wherever other threads wait for the GIL (training scripts on threads)."""
-
-    def __init__(self) -> None:
-        self.reseed()
-        os.register_at_fork(after_in_child=self.reseed)
-
-    def reseed(self) -> None:
-        self._key = os.urandom(32)
-        self._counter = itertools.count()
-
-    def next(self) -> str:
-        serial = next(self._counter).to_bytes(8, "little")  # itertools.count: atomic under the GIL
-        return hashlib.blake2b(serial, key=self._key, digest_size=16).hexdigest()
-
-
-_ids = _IdSource()
-
-
 def new_id() -> str:
-    """A fresh, unpredictable 128-bit message id as hex."""
-    return _ids.next()
+    """A fresh 128-bit message id as hex."""
+    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,9 +207,7 @@ def to_wire(msg: Message) -> list[Buffer]:
     return [pack_envelope(msg.envelope), codec.pack_tree(tree), *buffers]
 
 
-def from_wire(
-    frames: Sequence[Buffer], max_tree_bytes: int = codec.DEFAULT_MAX_TREE_BYTES
-) -> Message:
+def from_wire(frames: Sequence[Buffer], max_tree_bytes: int = codec.DEFAULT_MAX_TREE_BYTES) -> Message:
     """Rebuild a message from its frames (raises ``FrameError``/``OversizedError``)."""
     if len(frames) < 2:
         raise FrameError(f"a message needs at least 2 frames, got {len(frames)}")

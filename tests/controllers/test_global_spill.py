@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from stream_faults import flip_a_bit_in_chunk
 
 from fedcell.controllers import FedAvg, scatter_gather
 from fedcell.controllers.fedopt import FedAdam
@@ -32,11 +33,9 @@ from fedcell.engine.cell_dispatcher import TASK_CHANNEL, CellDispatcher
 from fedcell.engine.dispatcher import ControllerContext, TaskResult
 from fedcell.errors import CheckpointError, ConfigError, TooFewResultsError
 from fedcell.fl_model import FLModel, ParamsType
-from fedcell.transports.base import Buffer
 from fedcell.transports.cell import Cell, CellConfig
 from fedcell.transports.message import Message
 from fedcell.transports.stream import StreamConfig
-from fedcell.transports.stream_protocol import Data, parse_header
 from fedcell.transports.stream_sender import PayloadSource
 
 KiB = 1024
@@ -208,21 +207,8 @@ def test_a_restart_after_a_broken_stream_re_asks_sites_with_the_spilled_global(
         return on_task
 
     def corrupt_site_2(cell: Cell) -> None:
-        if cell.name != "site-2":
-            return
-        endpoint = cell._stream
-        assert endpoint is not None
-        send = endpoint._send_frames
-
-        async def corrupt_first_reply(peer: str, frames: list[Buffer]) -> None:
-            header = parse_header(frames[0], 1 << 30)
-            if isinstance(header, Data) and header.seq == 3 and calls["site-2"] == 1:
-                flipped = bytearray(memoryview(frames[1]).cast("B"))
-                flipped[0] ^= 1
-                frames = [frames[0], bytes(flipped), *frames[2:]]
-            await send(peer, frames)
-
-        endpoint._send_frames = corrupt_first_reply
+        if cell.name == "site-2":
+            flip_a_bit_in_chunk(cell, 3, when=lambda: calls["site-2"] == 1)
 
     controller = FedAvg(
         rounds=1, min_clients=2, model="test_global_spill:make_model", spill_global=True

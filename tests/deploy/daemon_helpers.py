@@ -13,8 +13,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from deploy_helpers import free_port, project_tree, provision_tree
-
 from fedcell.deploy.admin import AdminClient
 from fedcell.deploy.commands import ReplayGuard, verify_command
 from fedcell.deploy.kit import StartupKit
@@ -27,12 +25,6 @@ from fedcell.transports.message import Message
 # connect_timeout bounds how long a refused client waits: CurveZMQ refusals are silent.
 CONFIG = CellConfig(heartbeat_interval=0.2, peer_timeout=2.0, connect_timeout=3.0)
 STAND_IN = (sys.executable, str(Path(__file__).with_name("stand_in_job_process.py")))
-
-
-def provisioned_kits(root: Path) -> Path:
-    """Kits of the test project (server on a free port) provisioned under ``root``."""
-    provision_tree(project_tree(port=free_port()), root / "project")
-    return root / "project" / "kits"
 
 
 def admin(kits: Path) -> AdminClient:

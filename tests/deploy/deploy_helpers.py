@@ -52,6 +52,12 @@ def provision_tree(tree: dict[str, Any], workspace: Path) -> ProvisionReport:
     return provision(project, workspace)
 
 
+def provisioned_kits(root: Path) -> Path:
+    """Kits of the test project (server on a free port) provisioned under ``root``."""
+    provision_tree(project_tree(port=free_port()), root / "project")
+    return root / "project" / "kits"
+
+
 def kit_files(kit: Path) -> dict[str, bytes]:
     """Every file of a kit, relative path → content."""
     return {str(p.relative_to(kit)): p.read_bytes() for p in sorted(kit.rglob("*")) if p.is_file()}

@@ -13,7 +13,6 @@ from daemon_helpers import (
     FakeSite,
     admin,
     job_folder,
-    provisioned_kits,
     running_daemon,
     until,
 )
@@ -25,10 +24,6 @@ from fedcell.errors import ConfigError, ConnectError, JobError
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def kits(tmp_path: Path) -> Path:
-    return provisioned_kits(tmp_path)
 
 
 def test_the_client_says_when_the_server_is_not_there_or_the_kit_is_not_an_admins(

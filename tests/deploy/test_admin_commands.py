@@ -24,12 +24,6 @@ from fedcell.errors import AuthenticationError, ConfigError, EncodeError
 from fedcell.transports import codec
 
 
-@pytest.fixture
-def kits(tmp_path: Path) -> Path:
-    provision_tree(project_tree(), tmp_path)
-    return tmp_path / "kits"
-
-
 def test_a_signed_command_verifies_and_names_its_admin(kits: Path) -> None:
     # Prepare
     alice = StartupKit.load(kits / "alice")

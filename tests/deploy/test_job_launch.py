@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
-from deploy_helpers import free_port, project_tree, provision_tree
 from site_helpers import (
     CONFIG,
     JOB_NAME,
@@ -44,11 +43,6 @@ pytestmark = pytest.mark.integration
 
 SITES = ("site-1", "site-2")
 
-
-@pytest.fixture
-def kits(tmp_path: Path) -> Path:
-    provision_tree(project_tree(port=free_port()), tmp_path / "project")
-    return tmp_path / "project" / "kits"
 
 
 @asynccontextmanager

@@ -23,7 +23,6 @@ from daemon_helpers import (
     FakeSite,
     admin,
     job_folder,
-    provisioned_kits,
     running_daemon,
     until,
 )
@@ -40,10 +39,6 @@ from fedcell.transports.cell import Cell
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def kits(tmp_path: Path) -> Path:
-    return provisioned_kits(tmp_path)
 
 
 async def raw_request(cell: Cell, signed: Any, data: Any = None) -> Any:

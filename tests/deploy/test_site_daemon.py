@@ -32,11 +32,6 @@ from fedcell.errors import ConfigError, RemoteError
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def kits(tmp_path: Path) -> Path:
-    provision_tree(project_tree(port=free_port()), tmp_path / "project")
-    return tmp_path / "project" / "kits"
-
 
 def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
     buffer = io.BytesIO()

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from stream_faults import flip_a_bit_in_chunk
 
 from fedcell.controllers.aggregation import WeightedMean
 from fedcell.engine.cell_dispatcher import TASK_CHANNEL, CellDispatcher
@@ -28,11 +29,9 @@ from fedcell.errors import StreamError, TooFewResultsError
 from fedcell.fl_model import FLModel
 from fedcell.transports import codec
 from fedcell.transports.array_sink import ArraySinkAdapter, skeleton
-from fedcell.transports.base import Buffer
 from fedcell.transports.cell import Cell, CellConfig
 from fedcell.transports.message import Message
 from fedcell.transports.stream import StreamConfig
-from fedcell.transports.stream_protocol import Data, parse_header
 
 SIZE = 1000  # float32 elements per result: 4000 bytes, 10 chunks of 400
 
@@ -256,19 +255,8 @@ def test_over_cells_replies_fold_while_streaming_and_a_corrupted_one_restarts_th
                     Cell(name, parent=url, config=CELL_CONFIG)
                 )
                 sites[name].register(TASK_CHANNEL, _site_handler(name, calls))
-            endpoint = sites["site-2"]._stream  # the site's stream layer: tamper with its sends
-            assert endpoint is not None
-            send = endpoint._send_frames
-
-            async def corrupt_first_reply(peer: str, frames: list[Buffer]) -> None:
-                header = parse_header(frames[0], 1 << 30)
-                if isinstance(header, Data) and header.seq == 3 and calls["site-2"] == 1:
-                    flipped = bytearray(memoryview(frames[1]).cast("B"))
-                    flipped[0] ^= 1
-                    frames = [frames[0], bytes(flipped), *frames[2:]]
-                await send(peer, frames)
-
-            endpoint._send_frames = corrupt_first_reply
+            # site-2's first reply: a bit flipped in its fourth chunk
+            flip_a_bit_in_chunk(sites["site-2"], 3, when=lambda: calls["site-2"] == 1)
             dispatcher = CellDispatcher(server, "job-1", list(calls))
             global_model = {"w": np.zeros(BIG, np.float32), "b": np.zeros(3)}
             mean = WeightedMean(global_model)
