@@ -17,6 +17,10 @@ for raw pyzmq alike, over ``tcp://127.0.0.1`` and ``ipc://``:
   message (chunks hashed, written into preallocated arrays, whole-stream digest checked) and
   replies. ``codec="none"``: this measures the transfer, not compression.
 
+The cell processes apply ``fedcell.engine.memory.tune_allocator_for_streams()`` first, as
+fedcell's own processes (daemons, job and site processes, the simulator) do; raw pyzmq runs with
+glibc's defaults.
+
 Time runs from the sender's ``send`` call to the receiver holding the last byte (for fedcell:
 the handler being called with the verified message), on the monotonic clock, which Linux shares
 between processes. Each process first moves one warm-up payload (at most 64 MiB); sizes up to
@@ -291,12 +295,24 @@ async def file_send(spec: dict[str, Any]) -> None:
     emit({"peak_rss_mib": peak_rss_mib(), "seconds": seconds})
 
 
+def as_fedcell_process(role: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """Run a cell role as fedcell's own processes run: with their allocator settings."""
+
+    def run(spec: dict[str, Any]) -> None:
+        from fedcell.engine.memory import tune_allocator_for_streams
+
+        tune_allocator_for_streams()
+        asyncio.run(role(spec))
+
+    return run
+
+
 ROLES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "zmq-pull": zmq_pull,
     "zmq-push": zmq_push,
-    "cell-recv": lambda spec: asyncio.run(cell_recv(spec)),
-    "cell-send": lambda spec: asyncio.run(cell_send(spec)),
-    "file-send": lambda spec: asyncio.run(file_send(spec)),
+    "cell-recv": as_fedcell_process(cell_recv),
+    "cell-send": as_fedcell_process(cell_send),
+    "file-send": as_fedcell_process(file_send),
 }
 
 
@@ -527,7 +543,7 @@ def main() -> None:
 
     defaults = StreamConfig()
     chunk, window = defaults.chunk_size, defaults.window
-    sizes = [(64 * MiB, 3)] if args.quick else [(64 * MiB, 5), (1 * GiB, 3), (4 * GiB, 1)]
+    sizes = [(64 * MiB, 3)] if args.quick else [(64 * MiB, 5), (1 * GiB, 5), (4 * GiB, 1)]
     started = time.monotonic()
     rows = [
         transfer(transport, size, reps, chunk, window)

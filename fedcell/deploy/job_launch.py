@@ -39,7 +39,7 @@ from pathlib import Path
 from fedcell.deploy.kit import StartupKit
 from fedcell.engine.job import Job
 from fedcell.engine.job_process import run_job, site_list
-from fedcell.engine.memory import keep_large_allocations_returnable
+from fedcell.engine.memory import tune_allocator_for_streams
 from fedcell.engine.presence import RemotePresence
 from fedcell.engine.simulator import server_config
 from fedcell.engine.site_process import serve_site
@@ -149,7 +149,7 @@ async def _run_site_side(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2: the job could not run)."""
-    keep_large_allocations_returnable()
+    tune_allocator_for_streams()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = _parse(argv)
     run = _run_server_side if args.side == "server" else _run_site_side

@@ -27,6 +27,7 @@ from pathlib import Path
 from fedcell.deploy.kit import StartupKit
 from fedcell.deploy.server_daemon import ServerDaemon
 from fedcell.deploy.site_daemon import SiteDaemon
+from fedcell.engine.memory import tune_allocator_for_streams
 from fedcell.errors import ConfigError, FedcellError
 from fedcell.transports.cell import CellConfig
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    tune_allocator_for_streams()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

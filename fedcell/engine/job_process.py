@@ -65,7 +65,7 @@ from typing import Final
 from fedcell.engine.cell_dispatcher import JOB_END_CHANNEL, PRESENCE_CHANNEL
 from fedcell.engine.checkpoint import CheckpointStore
 from fedcell.engine.job import Job
-from fedcell.engine.memory import keep_large_allocations_returnable
+from fedcell.engine.memory import tune_allocator_for_streams
 from fedcell.engine.presence import NeighbourPresence, SitePresence
 from fedcell.engine.progress import ProgressEvent
 from fedcell.engine.simulator import serve_job, server_config, write_results
@@ -292,7 +292,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (see the module docstring)."""
-    keep_large_allocations_returnable()
+    tune_allocator_for_streams()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return asyncio.run(_serve(_parse(argv)))

@@ -53,7 +53,7 @@ from fedcell.engine.checkpoint import CheckpointStore
 from fedcell.engine.gil_turns import turn_taking_loop
 from fedcell.engine.job import Job
 from fedcell.engine.job_runner import JobResult, JobRunner
-from fedcell.engine.memory import keep_large_allocations_returnable
+from fedcell.engine.memory import tune_allocator_for_streams
 from fedcell.engine.presence import NeighbourPresence, SitePresence
 from fedcell.engine.progress import ProgressEvent, ProgressSink
 from fedcell.engine.site_runtime import SiteRuntime
@@ -160,7 +160,7 @@ async def run_simulation(
     transport: Literal["ipc", "tcp"] = "ipc",
 ) -> SimulationResult:
     """Async form of :func:`simulate`."""
-    keep_large_allocations_returnable()
+    tune_allocator_for_streams()
     names = list(sites) if sites is not None else site_names(n_clients or 2)
     if mode not in ("threads", "processes"):
         raise ConfigError(f"simulation mode must be 'threads' or 'processes', not {mode!r}")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fedcell.engine.cell_dispatcher import JOB_END_CHANNEL
 from fedcell.engine.job import Job
-from fedcell.engine.memory import keep_large_allocations_returnable
+from fedcell.engine.memory import tune_allocator_for_streams
 from fedcell.engine.presence import reachable
 from fedcell.engine.site_runtime import SiteRuntime
 from fedcell.transports.cell import Cell
@@ -149,7 +149,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keep_large_allocations_returnable()
+    tune_allocator_for_streams()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return asyncio.run(_serve(_parse(argv)))
 
