@@ -37,7 +37,7 @@ model is not built again on resume.
 
 Server memory: a large global model (:data:`~fedcell.controllers.model_spill.SPILL_MIN_BYTES`
 or more; ``spill_global`` forces it on or off) is written to a spill file in the node's
-workspace while it is broadcast, and once the dispatcher has taken the broadcast
+workspace before it is broadcast, and once the dispatcher has taken the broadcast
 (:meth:`~fedcell.engine.dispatcher.StreamingFold.task_handed_over`) and the file is written, the
 controller drops every reference to it: the aggregation sees zero-cost stand-ins with the same
 keys, dtypes and shapes (:mod:`fedcell.controllers.model_spill`). The transport still holds each
@@ -318,12 +318,14 @@ class ScatterGather(Controller):
                     mean = WeightedMean(shapes, self.weigh_by, adopt_results=True, pool=pool)
                     fold = spilled = _SpilledGlobal(mean, task.data.params, spill, ctx.logger)
                     global_params = shapes  # the task's dict is the one reference left
-                    if current_round == first_round:
-                        # A new file's first write costs fresh page-cache pages (2.4 s per GiB
-                        # measured on the project's VM, 0.6 s to rewrite it), longer than sites
-                        # take to answer: write it before the broadcast, so the accumulator
-                        # never comes while the global model is still held.
-                        await spilled.settle()
+                    # Written before the broadcast: a result that arrives while the file is
+                    # still being written would get its accumulator while the global model is
+                    # still held (two models). Rewriting 1 GiB takes 0.6 s on the project's VM
+                    # (a new file's first write 2.4 s), longer than two site processes take to
+                    # answer once receiving no longer faults in fresh memory; writing it first
+                    # measured 2.6-2.9 s per round and 1169-1219 MiB at the server, against
+                    # 2.6-3.5 s and 2182-2190 MiB while broadcasting (1 GiB, 2 sites).
+                    await spilled.settle()
                 results = await self._gather(ctx, task, targets, needed, fold, current_round)
                 del task, fold
                 if spilled is not None:
@@ -448,8 +450,9 @@ class ScatterGather(Controller):
 
 
 class _SpilledGlobal(StreamingFold):
-    """A round's :class:`WeightedMean` plus its spilled global model: the spill is written while
-    the task is broadcast, and the task's params are released once both are done."""
+    """A round's :class:`WeightedMean` plus its spilled global model: the spill write starts at
+    construction (the controller awaits :meth:`settle` before the broadcast), and the task's
+    params are released once the write is done and the broadcast was handed over."""
 
     def __init__(
         self,
