@@ -12,20 +12,20 @@ costs:
   itself after the first free (it raises the mmap threshold to the freed block's size), but it
   also sets the trim threshold to twice that size, 8 MiB: whenever more than 8 MiB is free at
   the top of the I/O thread's heap (a window of chunks just copied), it gives the pages back
-  and the next chunks fault them in again: 40 000-60 000 faults per GiB on this project's VM.
+  and the next chunks fault them in again: 31 000-63 000 faults per GiB on this project's VM.
 
 :func:`tune_allocator_for_streams` pins the mmap threshold at glibc's ceiling for its dynamic
 one (32 MiB: any chunk size a stream normally uses comes from the heap) and the trim threshold
 at one default stream window (32 MiB of free heap top is kept: the room the next window's chunks
 need). Blocks above 32 MiB (large arrays) are still mmap-ed and go back to the system when
 freed. Measured (docs/benchmarks.md, "Stream layer" and "FedAvg of a 1 GiB model"): page faults
-of the receiving I/O thread 40 000-60 000 → under 2 000 per GiB; a FedAvg round of a 256 MiB
+of the receiving I/O thread 31 000-63 000 → under 4 000 per GiB; a FedAvg round of a 256 MiB
 model with 4 site processes 1.62 → 0.98-1.01 s (server peak RSS 431-434 → 421-486 MiB), of a
-1 GiB model with 8 sites 13.5 → 8.3 s (server 1272 → 1539 MiB, within its 2·S + 256 MiB
-budget). It replaces pinning the mmap threshold at 128 KiB, chosen when the server assembled
-whole results from 1 MiB chunks and retained heap chunks grew it to 2.6 GiB on that 256 MiB × 4
-run; results are folded as they stream in since. A process whose owner set ``GLIBC_TUNABLES`` for ``malloc`` keeps the owner's
-settings.
+1 GiB model with 8 sites 13.5 → 7.7-8.4 s (server 1272 → 1307-1539 MiB, within its
+2·S + 256 MiB budget). It replaces pinning the mmap threshold at 128 KiB, chosen when the
+server assembled whole results from 1 MiB chunks and retained heap chunks grew it to 2.6 GiB on
+that 256 MiB × 4 run; results are folded as they stream in since. A process whose owner set
+``GLIBC_TUNABLES`` for ``malloc`` keeps the owner's settings.
 """
 
 from __future__ import annotations
