@@ -41,9 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Protocol, runtime_checkable
-
-import blosc2
+from typing import Any, Protocol, runtime_checkable
 
 from fedcell.errors import ConfigError, FrameError
 from fedcell.transports.base import Buffer
@@ -102,24 +100,39 @@ class NoCompression:
         out[:] = src
 
 
+def _blosc2() -> Any:
+    """blosc2, imported on first use: with what it imports (numexpr, ndindex, httpx) it was
+    0.3 s and 20 MiB of every fedcell process's start-up (``import fedcell.transports.cell``:
+    0.34 s / 59 MiB RSS with it, 0.20 s / 40 MiB without), and most processes never compress."""
+    import blosc2
+
+    return blosc2
+
+
 @dataclass(frozen=True, slots=True)
 class Blosc2Codec:
-    """blosc2 with byte shuffle; ``codec`` picks the inner compressor (LZ4 or ZSTD)."""
+    """blosc2 with byte shuffle; ``inner`` names the compressor (``"LZ4"`` or ``"ZSTD"``)."""
 
     name: str
-    codec: blosc2.Codec
+    inner: str
     clevel: int
 
     def compress(self, data: Buffer, typesize: int) -> Buffer:
+        blosc2 = _blosc2()
         src = memoryview(data).cast("B")
         # blosc2 refuses a typesize that does not divide the buffer; 1 means "no shuffle".
         size = typesize if 0 < typesize <= 255 and src.nbytes % typesize == 0 else 1
         out: Buffer = blosc2.compress(
-            src, typesize=size, clevel=self.clevel, filter=blosc2.Filter.SHUFFLE, codec=self.codec
+            src,
+            typesize=size,
+            clevel=self.clevel,
+            filter=blosc2.Filter.SHUFFLE,
+            codec=blosc2.Codec[self.inner],
         )
         return out
 
     def decompress_into(self, data: Buffer, out: memoryview) -> None:
+        blosc2 = _blosc2()
         src = memoryview(data).cast("B")
         if src.nbytes < _BLOSC2_HEADER_BYTES:
             raise FrameError(f"{self.name} chunk of {src.nbytes} bytes is shorter than its header")
@@ -145,8 +158,8 @@ class Blosc2Codec:
 #: name -> factory of the built-in codecs.
 BUILTINS: dict[str, Callable[[], ChunkCodec]] = {
     NONE: NoCompression,
-    "blosc2-lz4": lambda: Blosc2Codec("blosc2-lz4", blosc2.Codec.LZ4, clevel=5),
-    "blosc2-zstd": lambda: Blosc2Codec("blosc2-zstd", blosc2.Codec.ZSTD, clevel=1),
+    "blosc2-lz4": lambda: Blosc2Codec("blosc2-lz4", "LZ4", clevel=5),
+    "blosc2-zstd": lambda: Blosc2Codec("blosc2-zstd", "ZSTD", clevel=1),
 }
 
 _registered: dict[str, ChunkCodec] = {}

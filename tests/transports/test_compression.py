@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib.metadata import EntryPoint
 from typing import Any
 
@@ -144,3 +146,20 @@ def test_compression_is_chosen_only_where_it_pays() -> None:
     assert compression.choose_codec([], 1e6).name == "none"
     with pytest.raises(ConfigError, match="positive"):
         compression.choose_codec(samples, 0)
+
+
+def test_blosc2_is_imported_only_when_a_blosc2_codec_is_used() -> None:
+    # A fresh interpreter: fedcell's processes start without blosc2 and load it on first use.
+    code = (
+        "import sys\n"
+        "import fedcell.transports.cell, fedcell.engine.simulator, fedcell.deploy.participant\n"
+        "from fedcell.transports import compression\n"
+        "before = 'blosc2' in sys.modules\n"
+        "codec = compression.get_codec('blosc2-zstd')\n"
+        "packed = codec.compress(bytes(4096), 4)\n"
+        "out = bytearray(4096)\n"
+        "codec.decompress_into(packed, memoryview(out))\n"
+        "print(before, 'blosc2' in sys.modules, out == bytes(4096))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["False", "True", "True"]
