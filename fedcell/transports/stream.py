@@ -171,6 +171,7 @@ from fedcell.transports.stream_protocol import (
 from fedcell.transports.stream_receiver import (
     ArrayPool,
     ArraySinkHook,
+    ChunkCopier,
     FileOffer,
     FileSinkPolicy,
     InboundStream,
@@ -401,6 +402,7 @@ class StreamEndpoint:
         self._watchdog: asyncio.Task[None] | None = None
         self._link: dict[str, float] = {}
         self._pool = ArrayPool(self.config.max_inbound_bytes)
+        self._copier = ChunkCopier()
         self._stats = StreamStats()
         self._closed = False
 
@@ -568,6 +570,7 @@ class StreamEndpoint:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._copier.close()
         self._pool.close()
 
     # ------------------------------------------------------------------------------------------
@@ -712,7 +715,8 @@ class StreamEndpoint:
             stream = InboundStream(
                 peer, header, max_chunk_size=cfg.max_chunk_size,
                 max_tree_bytes=codec.DEFAULT_MAX_TREE_BYTES, file_sink=self._file_sink,
-                pool=self._pool, array_sink=self._array_sink_for(peer, header.sid),
+                pool=self._pool, copier=self._copier,
+                array_sink=self._array_sink_for(peer, header.sid),
             )  # fmt: skip
         except Exception as exc:  # the file sink policy is application code: refuse on any error
             reason = f"stream {header.sid} from {peer} refused: {exc}"
