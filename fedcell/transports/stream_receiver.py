@@ -416,7 +416,7 @@ class MessageSink:
     def write(self, offset: int, pieces: Sequence[Buffer]) -> None:
         for index, start, data in self._regions.split(offset, pieces):
             target = self._views[index][start : start + data.nbytes]
-            if data.nbytes < COPIED_APART_MIN_BYTES:
+            if data.nbytes < COPIED_APART_MIN_BYTES or not self._copier.threaded:
                 target[:] = data
                 continue
             self._copies.append(self._copier.submit(target, data))

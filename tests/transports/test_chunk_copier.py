@@ -71,7 +71,7 @@ def test_a_failed_copy_fails_the_stream_at_finish() -> None:
             future.set_exception(MemoryError("no room"))
             return future
 
-    sink, buffers = sink_for({"w": np.ones(COPIED_APART_MIN_BYTES, np.uint8)}, Broken())
+    sink, buffers = sink_for({"w": np.ones(COPIED_APART_MIN_BYTES, np.uint8)}, Broken(threaded=True))
     sink.write(0, buffers)
     with pytest.raises(StreamError, match=r"copying received chunks.*no room"):
         sink.finish("digest")
@@ -87,7 +87,7 @@ def test_copies_run_at_most_copy_ahead_behind_the_writer() -> None:
             return future
 
     size = COPIED_APART_MIN_BYTES
-    sink, buffers = sink_for({"w": np.ones((COPY_AHEAD + 3) * size, np.uint8)}, Held())
+    sink, buffers = sink_for({"w": np.ones((COPY_AHEAD + 3) * size, np.uint8)}, Held(threaded=True))
     whole = buffers[0]
     release = threading.Timer(0.05, lambda: [f.set_result(None) for f in list(started) if not f.done()])
     release.start()
