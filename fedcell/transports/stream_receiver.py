@@ -328,7 +328,7 @@ class ChunkCopier:
     one is copied, so a receiver's event loop costs about the larger of the two instead of
     their sum. That pays only where a core is free for the thread. Measured with
     ``benchmarks/stream.py``'s 1 GiB transfer, sender and receiver on one machine (docs/
-    benchmarks.md, "Stream layer"): on 16 cores ipc went from 0.83-1.04 to 1.09-1.16 of raw
+    benchmarks.md, "Stream layer"): on 16 cores ipc went from 0.84-1.04 to 1.09-1.16 of raw
     pyzmq (tcp unchanged, 1.05-1.17); on 4 cores ipc fell from 0.98-1.08 to 0.75-0.79 and tcp
     from 1.07-1.20 to 0.89-1.04; on 2 cores tcp was unchanged and ipc 0-15 % slower. So by
     default the thread is used only where the process may run on :data:`COPIER_MIN_CORES`
@@ -337,33 +337,34 @@ class ChunkCopier:
     """
 
     def __init__(self, threaded: bool | None = None) -> None:
-        if threaded is None:
-            threaded = _usable_cores() >= COPIER_MIN_CORES
+        self._threaded = _usable_cores() >= COPIER_MIN_CORES if threaded is None else threaded
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._closed = not threaded
 
     @property
     def threaded(self) -> bool:
-        """Whether copies go to the copier's thread (not unthreaded, not closed)."""
-        return not self._closed
+        """Whether copies go to the copier's thread: if not (too few cores, or closed), the
+        caller copies them itself."""
+        return self._threaded
 
     def submit(self, target: memoryview, data: Buffer) -> concurrent.futures.Future[None]:
-        """Copy ``data`` into ``target`` (same length) on the copier's thread; unthreaded or
-        after :meth:`close`, on the caller's."""
-        if self._executor is None and not self._closed:
+        """Copy ``data`` into ``target`` (same length) on the copier's thread.
+
+        Raises
+        ------
+        RuntimeError
+            If the copier is not :attr:`threaded`.
+        """
+        if not self._threaded:
+            raise RuntimeError("this chunk copier has no thread: copy on the caller's")
+        if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 1, thread_name_prefix="fedcell-stream-copy"
             )
-        if self._executor is None:
-            done: concurrent.futures.Future[None] = concurrent.futures.Future()
-            _copy(target, data)
-            done.set_result(None)
-            return done
         return self._executor.submit(_copy, target, data)
 
     def close(self) -> None:
-        """Finish the queued copies and stop the thread."""
-        self._closed = True
+        """Finish the queued copies and stop the thread; later copies are the callers'."""
+        self._threaded = False
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None

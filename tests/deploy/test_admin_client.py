@@ -25,7 +25,6 @@ from fedcell.errors import ConfigError, ConnectError, JobError
 pytestmark = pytest.mark.integration
 
 
-
 def test_the_client_says_when_the_server_is_not_there_or_the_kit_is_not_an_admins(
     kits: Path,
 ) -> None:

@@ -44,7 +44,6 @@ pytestmark = pytest.mark.integration
 SITES = ("site-1", "site-2")
 
 
-
 @asynccontextmanager
 async def running_job(
     kits: Path, tmp_path: Path, job: Job, job_id: str

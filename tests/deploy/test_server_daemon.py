@@ -40,7 +40,6 @@ from fedcell.transports.cell import Cell
 pytestmark = pytest.mark.integration
 
 
-
 async def raw_request(cell: Cell, signed: Any, data: Any = None) -> Any:
     return await cell.request("server", ADMIN_CHANNEL, {"signed": signed, "data": data}, timeout=10)
 

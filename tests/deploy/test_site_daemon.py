@@ -32,7 +32,6 @@ from fedcell.errors import ConfigError, RemoteError
 pytestmark = pytest.mark.integration
 
 
-
 def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:

@@ -108,15 +108,19 @@ def test_unthreaded_or_closed_copies_run_on_the_callers_thread(closed: bool) -> 
     copier = ChunkCopier(threaded=closed)
     if closed:
         copier.close()
-    target = memoryview(bytearray(8))
-    copier.submit(target, b"abcdefgh").result(timeout=0)
-    assert bytes(target) == b"abcdefgh"
+    assert not copier.threaded
+    with pytest.raises(RuntimeError, match="no thread"):
+        copier.submit(memoryview(bytearray(8)), b"abcdefgh")
+    payload = {"w": np.arange(COPIED_APART_MIN_BYTES, dtype=np.uint8)}
+    sink, buffers = sink_for(payload, copier)
+    sink.write(0, buffers)
+    assert bytes(codec.writable_bytes(sink._arrays[0])) == payload["w"].tobytes()  # written now
     assert not any(t.name.startswith("fedcell-stream-copy") for t in threading.enumerate())
 
 
 def test_the_copier_thread_is_used_only_with_enough_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(receiver, "_usable_cores", lambda: COPIER_MIN_CORES - 1)
-    assert not ChunkCopier().threaded  # copies inline
+    assert not ChunkCopier().threaded  # the sink copies inline
     monkeypatch.setattr(receiver, "_usable_cores", lambda: COPIER_MIN_CORES)
     assert ChunkCopier().threaded
 
